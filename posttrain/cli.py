@@ -1,0 +1,143 @@
+"""The `posttrain` command: train, tiny-model, config show, eval, list."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from posttrain.configlib import ConfigError
+
+EPILOG_OVERRIDES = "Overrides are dotted key=value pairs, e.g. optim.lr=1e-5 stages.0.train.steps=20"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except (ConfigError, FileNotFoundError) as e:  # the user's input is wrong: say what, where; no traceback
+        print(f"posttrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, RL with verifiable rewards, and hybrids.")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe", description="Run a recipe's stages.", epilog=EPILOG_OVERRIDES)
+    t.add_argument("recipe", help="path to a recipe YAML")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory, or 'auto' for the run's newest")
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2 model", description="Build the embedded tiny "
+                       "Qwen2-architecture model and tokenizer into OUT_DIR (loadable by plain transformers).")
+    m.add_argument("out_dir")
+    m.add_argument("overrides", nargs="*", help="size settings, e.g. hidden_size=256 num_layers=4 corpus=task:arithmetic seed=1")
+    m.set_defaults(func=cmd_tiny_model)
+
+    c = sub.add_parser("config", help="inspect recipes", description="Inspect recipes.")
+    csub = c.add_subparsers(title="config commands", metavar="COMMAND")
+    show = csub.add_parser("show", help="print the resolved recipe", description="Print the recipe after overrides, "
+                           "validation and defaults.", epilog=EPILOG_OVERRIDES)
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=cmd_config_show)
+
+    e = sub.add_parser("eval", help="greedy accuracy of a model with a verifier",
+                       description="Greedy accuracy of MODEL on DATA (task:<name>, a file, or a hub data set), "
+                       "verified by a reward.", epilog="Settings: reward=exact num_samples=200 max_new_tokens=64 "
+                       "batch_size=64 threshold=1.0 data.split=test data.task.digits=3 data.columns.prompt=question ...")
+    e.add_argument("model", help="model directory or hub name")
+    e.add_argument("data", help="task:<name>, a data file, or a hub data set")
+    e.add_argument("overrides", nargs="*", help="dotted key=value eval settings")
+    e.add_argument("--output", help="write every prompt, completion and verdict to this JSONL file")
+    e.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("list", help="list registered components", description="Registered objectives, "
+                        "aggregations, rewards, rollout engines and tasks.")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def cmd_train(args) -> int:
+    from posttrain.config import load_recipe
+    from posttrain.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    results = train(recipe, resume=args.resume)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if k.startswith(("eval/", "loss"))}
+    print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in {recipe.output_dir}/metrics.jsonl")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from posttrain.configlib import apply_overrides, build
+    from posttrain.tiny import TinyModelConfig, build_tiny_model
+
+    cfg = build(TinyModelConfig, apply_overrides({}, args.overrides), "", "tiny-model")
+    out = build_tiny_model(args.out_dir, cfg)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from posttrain.config import resolved_dict
+
+    print(yaml.safe_dump(resolved_dict(args.recipe, args.overrides), sort_keys=False), end="")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import rewards
+    from posttrain.config import EvalConfig
+    from posttrain.configlib import apply_overrides, build
+    from posttrain.data import load_rows, to_examples
+    from posttrain.evaluation import greedy_completions, score
+    from posttrain.models import ModelConfig, load_model, load_tokenizer
+
+    raw = apply_overrides({"data": {"source": args.data, "split": "test"}}, args.overrides, "eval")
+    cfg = build(EvalConfig, raw, "", "eval")
+    model_cfg = ModelConfig(path=args.model)
+    tokenizer, model = load_tokenizer(args.model, model_cfg), load_model(args.model, model_cfg)
+    rows, columns = load_rows(cfg.data, "data")
+    examples = to_examples(rows[: cfg.num_samples], columns, cfg.data, "data")
+    completions = greedy_completions(model, tokenizer, [ex.prompt for ex in examples], cfg.max_new_tokens, cfg.batch_size)
+    correct = score(rewards.get(cfg.reward), examples, completions, cfg.threshold)
+    if args.output:
+        with open(args.output, "w") as f:
+            for ex, c, ok in zip(examples, completions, correct):
+                f.write(json.dumps({"prompt": ex.prompt, "completion": c, "correct": ok}) + "\n")
+    print(json.dumps({"eval/accuracy": sum(correct) / len(correct), "eval/num_samples": len(correct)}))
+    return 0
+
+
+def cmd_list(args) -> int:
+    import rewards
+    from posttrain.objectives import AGGREGATIONS, OBJECTIVES
+    from posttrain.tasks import TASKS
+
+    sections = {"objectives": OBJECTIVES.names(), "aggregations": AGGREGATIONS.names(),
+                "rewards": rewards.REWARDS.names(), "rollout engines": _rollout_engines(), "tasks": TASKS.names()}
+    for heading, names in sections.items():
+        print(f"{heading}:")
+        for name in names:
+            print(f"  {name}")
+    return 0
+
+
+def _rollout_engines() -> list[str]:
+    try:
+        from posttrain.rollout import ENGINES
+    except ImportError:
+        return []
+    return ENGINES.names()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

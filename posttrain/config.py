@@ -1,0 +1,209 @@
+"""The recipe: one YAML file, typed and validated, with dotted overrides from the command line.
+
+    output_dir, seed          where the run writes; the global seed
+    model                     ModelConfig (posttrain/models.py)
+    data                      DataConfig (posttrain/data.py), the default for every stage
+    objectives                name -> that objective's own typed settings (`type` picks the registered objective)
+    train / optim / schedule  defaults for every stage (batch sizes, length, logging; AdamW; lr schedule)
+    eval                      held-out greedy accuracy with a verifier reward
+    logging                   trackers (TensorBoard by default, W&B) and the progress bar
+    stages                    a list; each names its objectives with weights and may override train, optim,
+                              schedule, data and eval (deep-merged over the top-level sections)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.configlib import ConfigError, apply_overrides, build, deep_merge, field_doc, load_yaml, require
+from posttrain.data import DataConfig
+from posttrain.models import ModelConfig
+from posttrain.objectives import OBJECTIVES, ObjectiveConfig
+
+STAGE_SECTIONS = ("train", "optim", "schedule", "data", "eval")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = field_doc(1e-5, "peak learning rate")
+    betas: tuple[float, float] = field_doc((0.9, 0.95), "Adam beta1, beta2")
+    eps: float = field_doc(1e-8, "Adam epsilon")
+    weight_decay: float = field_doc(0.01, "decoupled weight decay")
+    max_grad_norm: float = field_doc(1.0, "clip the global gradient norm to this (0 = no clipping)")
+
+    def check(self) -> None:
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), "betas", f"each must be in [0, 1), got {self.betas}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule (transformers' schedulers) with linear warmup."""
+
+    name: Literal["cosine", "linear", "constant"] = field_doc("cosine", "shape after warmup")
+    warmup_ratio: float = field_doc(0.03, "warmup as a fraction of the stage's steps")
+    warmup_steps: int | None = field_doc(None, "warmup in steps (overrides warmup_ratio)")
+    min_lr_ratio: float = field_doc(0.0, "cosine only: floor as a fraction of the peak lr")
+
+    def check(self) -> None:
+        require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Batching, length and bookkeeping of a stage."""
+
+    batch_size: int = field_doc(64, "global batch: sequences per optimizer step over all processes")
+    micro_batch_size: int = field_doc(8, "sequences per forward/backward on one process")
+    epochs: float | None = field_doc(None, "stage length in passes over the data (or give steps)")
+    steps: int | None = field_doc(None, "stage length in optimizer steps (overrides epochs)")
+    log_every: int = field_doc(10, "log metrics every N steps")
+    eval_every: int = field_doc(0, "evaluate every N steps (0 = only at the end of the stage)")
+    save_every: int = field_doc(0, "checkpoint every N steps (0 = only at the end of the stage)")
+    keep_checkpoints: int = field_doc(2, "step checkpoints to keep (older ones are deleted)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = field_doc("no", "autocast precision (accelerate)")
+
+    def check(self) -> None:
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.epochs is not None or self.steps is not None, "steps", "give the stage a length: steps or epochs")
+        require(self.steps is None or self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Greedy accuracy on held-out prompts, verified by a reward function."""
+
+    data: DataConfig | None = field_doc(None, "held-out data (None = no evaluation)")
+    reward: str = field_doc("exact", "reward used as the verifier: a registered name, module:function or file.py:function")
+    threshold: float = field_doc(1.0, "a sample is correct when its reward is >= this")
+    num_samples: int = field_doc(200, "evaluate the first N held-out prompts")
+    max_new_tokens: int = field_doc(64, "generation budget per answer")
+    batch_size: int = field_doc(64, "prompts per generate call on one process")
+
+    def check(self) -> None:
+        require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides RUN_DIR/metrics.jsonl."""
+
+    report_to: list[Literal["tensorboard", "wandb"]] = field_doc(factory=lambda: ["tensorboard"], doc="accelerate trackers")
+    project: str = field_doc("posttrain", "tracker project name")
+    progress_bar: bool = field_doc(True, "show a progress bar on the main process")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of the recipe, after its overrides are merged over the top-level sections."""
+
+    name: str = field_doc(doc="stage name (used in logs and checkpoints)")
+    objectives: dict[str, float] = field_doc(doc="objective name (a key of `objectives:`) -> weight")
+    train: TrainConfig = field_doc(factory=TrainConfig, doc="batching and length")
+    optim: OptimConfig = field_doc(factory=OptimConfig, doc="optimizer")
+    schedule: ScheduleConfig = field_doc(factory=ScheduleConfig, doc="lr schedule")
+    data: DataConfig | None = field_doc(None, "training data")
+    eval: EvalConfig = field_doc(factory=EvalConfig, doc="evaluation")
+
+    def check(self) -> None:
+        require(bool(self.objectives), "objectives", "a stage needs at least one objective")
+        require(self.data is not None, "data", "required value missing (give `data:` at the top level or in the stage)")
+
+
+@dataclass(frozen=True)
+class _RecipeFile:
+    """Top-level keys of a recipe; objectives and stages are typed in a second pass."""
+
+    output_dir: str = field_doc(doc="run directory: metrics.jsonl, checkpoints, final model")
+    model: ModelConfig = field_doc(doc="the policy")
+    stages: list[dict[str, Any]] = field_doc(doc="the stages, run in order")
+    objectives: dict[str, dict[str, Any]] = field_doc(doc="objective name -> settings")
+    seed: int = field_doc(0, "global seed")
+    data: dict[str, Any] | None = field_doc(None, "default training data for every stage")
+    train: dict[str, Any] = field_doc(factory=dict, doc="default train settings")
+    optim: dict[str, Any] = field_doc(factory=dict, doc="default optimizer settings")
+    schedule: dict[str, Any] = field_doc(factory=dict, doc="default schedule")
+    eval: dict[str, Any] = field_doc(factory=dict, doc="default evaluation")
+    logging: LoggingConfig = field_doc(factory=LoggingConfig, doc="trackers and progress bar")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    output_dir: str
+    seed: int
+    model: ModelConfig
+    objectives: dict[str, ObjectiveConfig]
+    stages: list[StageConfig]
+    logging: LoggingConfig
+    source: str = "recipe"
+
+
+_SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "data": DataConfig,
+                  "eval": EvalConfig}
+
+
+def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    top = build(_RecipeFile, raw, "", source)
+    for key, cls in _SECTION_TYPES.items():  # keys and types of the shared defaults, reported where written
+        if raw.get(key) is not None:
+            build(cls, raw[key], key, source, partial=True)
+    objectives = {name: _build_objective(name, spec, source) for name, spec in top.objectives.items()}
+    if not top.stages:
+        raise ConfigError(f"{source}: stages: a recipe needs at least one stage")
+    stages = [_build_stage(i, s, raw, objectives, source) for i, s in enumerate(top.stages)]
+    return Recipe(top.output_dir, top.seed, top.model, objectives, stages, top.logging, source)
+
+
+def _build_objective(name: str, spec: dict, source: str) -> ObjectiveConfig:
+    spec = dict(spec or {})
+    spec.setdefault("type", name)
+    if spec["type"] not in OBJECTIVES:
+        raise ConfigError(f"{source}: objectives.{name}.type: unknown objective {spec['type']!r}; "
+                          f"registered: {', '.join(OBJECTIVES.names())}")
+    return build(OBJECTIVES.get(spec["type"]).config_cls, spec, f"objectives.{name}", source)
+
+
+def _build_stage(i: int, stage: Any, raw: dict, objectives: dict, source: str) -> StageConfig:
+    if not isinstance(stage, dict):
+        raise ConfigError(f"{source}: stages.{i}: expected a mapping, got {stage!r}")
+    merged = dict(stage)
+    for key in STAGE_SECTIONS:
+        base = raw.get(key)
+        if base is not None or key in stage:
+            merged[key] = deep_merge(base or {}, stage.get(key) or {}) if isinstance(stage.get(key, {}), dict) else stage[key]
+    merged.setdefault("name", f"stage{i}")
+    cfg = build(StageConfig, merged, f"stages.{i}", source)
+    for name, weight in cfg.objectives.items():
+        if name not in objectives:
+            raise ConfigError(f"{source}: stages.{i}.objectives.{name}: not defined under `objectives:`; "
+                              f"defined: {', '.join(sorted(objectives)) or '(none)'}")
+        if weight < 0:
+            raise ConfigError(f"{source}: stages.{i}.objectives.{name}: weight must be >= 0, got {weight}")
+    return cfg
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    raw = apply_overrides(load_yaml(path), overrides or [], source=str(path))
+    return parse_recipe(raw, str(path))
+
+
+def resolved_dict(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The recipe after overrides, validation and defaults, as plain data (for `posttrain config show`)."""
+    from posttrain.configlib import to_dict
+
+    r = load_recipe(path, overrides)
+    return {"output_dir": r.output_dir, "seed": r.seed, "model": to_dict(r.model),
+            "objectives": {k: to_dict(v) for k, v in r.objectives.items()},
+            "logging": to_dict(r.logging), "stages": [to_dict(s) for s in r.stages]}

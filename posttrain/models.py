@@ -1,0 +1,79 @@
+"""Loading the policy, its tokenizer and (only when an objective asks) a frozen reference copy."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from posttrain.configlib import field_doc, to_dict
+from posttrain.tiny import TinyModelConfig, build_tiny_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy model."""
+
+    path: str = field_doc(doc="'tiny' (the embedded model, built locally), a local directory, or a hub name")
+    tokenizer: str | None = field_doc(None, "tokenizer path or hub name (default: the model's)")
+    dtype: Literal["float32", "bfloat16", "float16"] = field_doc("float32", "weights' dtype when loaded")
+    gradient_checkpointing: bool = field_doc(False, "recompute activations in backward to save memory")
+    attn_implementation: str | None = field_doc(None, "e.g. sdpa, flash_attention_2, eager (default: transformers')")
+    trust_remote_code: bool = field_doc(False, "allow a hub model's own code")
+    tiny: TinyModelConfig = field_doc(factory=TinyModelConfig, doc="size of the embedded model when path is 'tiny'")
+
+
+def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path) -> str:
+    """The directory or hub name to load; builds the embedded tiny model once per distinct size config."""
+    if cfg.path != "tiny":
+        return cfg.path
+    key = hashlib.sha256(json.dumps(to_dict(cfg.tiny), sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(cache_dir) / f"tiny-{key}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + f".tmp{id(out)}")
+        build_tiny_model(tmp, cfg.tiny)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process built it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def load_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {cfg.tokenizer or path!r} has no chat template; posttrain formats prompts "
+                         "with the tokenizer's chat template (use an instruct/chat checkpoint or set one)")
+    return tok
+
+
+def load_model(path: str, cfg: ModelConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen reference policy (pi_ref): a deep copy in eval mode with no gradients."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref

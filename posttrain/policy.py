@@ -1,0 +1,22 @@
+"""One forward pass of a causal LM over an Experience, returning what objectives read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from posttrain.experience import Experience
+from posttrain.ops.logprobs import selective_log_softmax
+
+
+@dataclass
+class PolicyOutput:
+    logits: Tensor    # [B, L, V] logits at each position for the token it predicts (model dtype, a view)
+    logprobs: Tensor  # [B, L] float32 log pi(target_t | s_t)
+
+
+def forward(model: torch.nn.Module, exp: Experience) -> PolicyOutput:
+    out = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False)
+    logits = out.logits[:, :-1]                               # [B, L, V]
+    return PolicyOutput(logits=logits, logprobs=selective_log_softmax(logits, exp.targets))
