@@ -26,6 +26,7 @@ class Experience:
     group: Tensor | None = None         # [B] group id for advantages
     old_logprobs: Tensor | None = None  # [B, L] sampling policy's log-probs of the targets
     ref_logprobs: Tensor | None = None  # [B, L] frozen reference's log-probs of the targets
+    sampler_logprobs: Tensor | None = None  # [B, L] the rollout engine's own log-probs (e.g. vLLM), for truncated IS
     advantages: Tensor | None = None    # [B, L]
     values: Tensor | None = None        # [B, L] (PPO)
     returns: Tensor | None = None       # [B, L] (PPO)

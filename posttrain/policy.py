@@ -14,9 +14,12 @@ from posttrain.ops.logprobs import selective_log_softmax
 class PolicyOutput:
     logits: Tensor    # [B, L, V] logits at each position for the token it predicts (model dtype, a view)
     logprobs: Tensor  # [B, L] float32 log pi(target_t | s_t)
+    values: Tensor | None = None  # [B, L] float32 V(s_t), when the model has a value head (rl/value_head.py; PPO)
 
 
 def forward(model: torch.nn.Module, exp: Experience) -> PolicyOutput:
     out = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False)
     logits = out.logits[:, :-1]                               # [B, L, V]
-    return PolicyOutput(logits=logits, logprobs=selective_log_softmax(logits, exp.targets))
+    values = getattr(out, "values", None)                     # [B, T] from a ValueHeadModel, else None
+    return PolicyOutput(logits=logits, logprobs=selective_log_softmax(logits, exp.targets),
+                        values=values[:, :-1] if values is not None else None)

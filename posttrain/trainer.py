@@ -113,7 +113,8 @@ class Trainer:
             acc.load_state(str(self.resume_from))
             run.scheduler.load_state_dict(self.state.scheduler)
             self.resume_from = None
-        self.log.log({"stage": index, **{f"data/{k}": v for k, v in run.data_stats.items()}}, self.state.global_step)
+        self.log.log({"stage": index, "world_size": acc.num_processes,
+                      **{f"data/{k}": v for k, v in run.data_stats.items()}}, self.state.global_step)
         bar = Progress(acc.is_main_process and self.recipe.logging.progress_bar, run.total_steps, self.state.step,
                        f"{stage.name}")
         metrics: dict = {}
