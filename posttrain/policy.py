@@ -20,6 +20,7 @@ class PolicyOutput:
 def forward(model: torch.nn.Module, exp: Experience) -> PolicyOutput:
     out = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False)
     logits = out.logits[:, :-1]                               # [B, L, V]
-    values = getattr(out, "values", None)                     # [B, T] from a ValueHeadModel, else None
+    values = out.get("values") if hasattr(out, "get") else getattr(out, "values", None)  # [B, T] value head, else None
+    values = values if isinstance(values, torch.Tensor) else None  # (ModelOutput.values is the dict method)
     return PolicyOutput(logits=logits, logprobs=selective_log_softmax(logits, exp.targets),
                         values=values[:, :-1] if values is not None else None)
