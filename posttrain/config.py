@@ -68,7 +68,6 @@ class TrainConfig:
     eval_every: int = field_doc(0, "evaluate every N steps (0 = only at the end of the stage)")
     save_every: int = field_doc(0, "checkpoint every N steps (0 = only at the end of the stage)")
     keep_checkpoints: int = field_doc(2, "step checkpoints to keep (older ones are deleted)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = field_doc("no", "autocast precision (accelerate)")
 
     def check(self) -> None:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -184,6 +183,9 @@ def _build_stage(i: int, stage: Any, raw: dict, objectives: dict, source: str) -
         if base is not None or key in stage:
             merged[key] = deep_merge(base or {}, stage.get(key) or {}) if isinstance(stage.get(key, {}), dict) else stage[key]
     merged.setdefault("name", f"stage{i}")
+    for key, cls in _SECTION_TYPES.items():  # report a section's errors where it is written: stage or top level
+        if isinstance(merged.get(key), dict) and (key != "data" or "source" in merged[key]):
+            build(cls, merged[key], f"stages.{i}.{key}" if key in stage else key, source)
     cfg = build(StageConfig, merged, f"stages.{i}", source)
     for name, weight in cfg.objectives.items():
         if name not in objectives:

@@ -135,6 +135,9 @@ def _convert_union(tp: Any, value: Any, path: str, source: str, partial: bool) -
         if type(None) in args:
             return None
         raise _fail(source, path, "a value is required here, got null")
+    real = [a for a in args if a is not type(None)]
+    if len(real) == 1:  # Optional[X]: X's own error, with its full key path
+        return _convert(real[0], value, path, source, partial)
     errors = []
     for arg in args:
         if arg is type(None):

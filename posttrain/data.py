@@ -92,7 +92,12 @@ def _load_dataset_rows(cfg: DataConfig, where: str) -> list[dict]:
             raise FileNotFoundError(f"{where}.source: data file {cfg.source!r} not found")
         if path.suffix not in FILE_FORMATS:
             raise ConfigError(f"{where}.source: {cfg.source!r} has an unknown format; expected one of {', '.join(FILE_FORMATS)}")
-        ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        if not path.read_text(errors="replace").strip() if path.suffix != ".parquet" else path.stat().st_size == 0:
+            raise ConfigError(f"{where}.source: data file {cfg.source!r} is empty")
+        try:
+            ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as e:  # datasets' own errors don't say which recipe key pointed at the file
+            raise ConfigError(f"{where}.source: could not read {cfg.source!r}: {type(e).__name__}: {e}") from e
     else:
         ds = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
     return ds.to_list()

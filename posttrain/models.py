@@ -23,6 +23,7 @@ class ModelConfig:
     path: str = field_doc(doc="'tiny' (the embedded model, built locally), a local directory, or a hub name")
     tokenizer: str | None = field_doc(None, "tokenizer path or hub name (default: the model's)")
     dtype: Literal["float32", "bfloat16", "float16"] = field_doc("float32", "weights' dtype when loaded")
+    precision: Literal["fp32", "bf16", "fp16"] = field_doc("fp32", "mixed-precision autocast for training (accelerate)")
     gradient_checkpointing: bool = field_doc(False, "recompute activations in backward to save memory")
     attn_implementation: str | None = field_doc(None, "e.g. sdpa, flash_attention_2, eager (default: transformers')")
     trust_remote_code: bool = field_doc(False, "allow a hub model's own code")

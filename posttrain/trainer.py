@@ -75,7 +75,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, resume: str | None = None):
         self.recipe = recipe
         self.run_dir = Path(recipe.output_dir)
-        self.accelerator = make_accelerator(recipe, recipe.stages[0].train.mixed_precision)
+        self.accelerator = make_accelerator(recipe, {"fp32": "no"}.get(recipe.model.precision, recipe.model.precision))
         acc = self.accelerator
         self.run_dir.mkdir(parents=True, exist_ok=True)
         from accelerate.utils import set_seed

@@ -1,0 +1,73 @@
+"""The command line: --help everywhere, list, config show, eval, tiny-model; the GSM8K SFT recipe runs offline."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from posttrain.cli import main
+from posttrain.config import load_recipe
+from posttrain.trainer import train
+
+from conftest import REPO, read_metrics, tiny_recipe_overrides
+
+
+def _run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "posttrain", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.parametrize("args", [[], ["train"], ["tiny-model"], ["config"], ["config", "show"], ["eval"], ["list"]])
+def test_help_everywhere(args):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--help"])
+    assert e.value.code == 0
+
+
+def test_list_has_a_heading_per_registry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for heading in ("objectives:", "aggregations:", "rewards:", "rollout engines:", "tasks:"):
+        assert heading in out
+    assert "  sft" in out and "  token_mean" in out and "  exact" in out and "  arithmetic" in out
+
+
+def test_config_show_prints_the_resolved_recipe(capsys):
+    assert main(["config", "show", str(REPO / "recipes/quickstart.yaml"), "optim.lr=1e-4"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["stages"][0]["optim"]["lr"] == 1e-4
+    assert shown["stages"][0]["schedule"]["name"] == "cosine"
+
+
+def test_bad_override_is_a_clean_error():
+    proc = _run("config", "show", "recipes/quickstart.yaml", "optim.lr=abc", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "posttrain: error: recipes/quickstart.yaml: optim.lr: expected a number, got 'abc' (str)"
+
+
+def test_tiny_model_and_eval_commands(tmp_path):
+    _run("tiny-model", str(tmp_path / "m"), "hidden_size=32", "num_heads=2", "num_kv_heads=1", "intermediate_size=64")
+    assert (tmp_path / "m/config.json").is_file()
+    proc = _run("eval", str(tmp_path / "m"), "task:arithmetic", "num_samples=8", "max_new_tokens=4",
+                "--output", str(tmp_path / "ev.jsonl"))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eval/num_samples"] == 8 and 0.0 <= result["eval/accuracy"] <= 1.0
+    rows = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"prompt", "completion", "correct"} <= set(rows[0])
+
+
+def test_gsm8k_sft_recipe_runs_offline(tiny_model_dir, tmp_path, gsm8k_dir):
+    recipe = load_recipe(REPO / "recipes/gsm8k/qwen2.5-0.5b-sft.yaml", tiny_recipe_overrides(tiny_model_dir, tmp_path / "run") + [
+        f"data.source={gsm8k_dir / 'train.jsonl'}", "data.limit=64", "model.dtype=float32", "model.gradient_checkpointing=false",
+        "model.precision=fp32", "train.batch_size=8", "train.micro_batch_size=4", "train.log_every=1",
+        "stages.0.train.steps=3", "stages.0.train.epochs=null", "stages.0.train.eval_every=0",
+        f"eval.data.source={gsm8k_dir / 'test.jsonl'}", "eval.num_samples=4", "eval.max_new_tokens=8", "eval.batch_size=4",
+        "train.save_every=0"])
+    result = train(recipe)
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["data/examples"] + rows[0]["data/dropped_overlong"] == 64
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert result["eval/num_samples"] == 4
