@@ -1,4 +1,4 @@
-"""The `posttrain` command: train, tiny-model, config show, eval, list."""
+"""The `posttrain` command: train, tiny-model, config show, eval, rewards check, list."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="write every prompt, completion and verdict to this JSONL file")
     e.set_defaults(func=cmd_eval)
 
+    r = sub.add_parser("rewards", help="inspect reward functions", description="Inspect reward functions.")
+    rsub = r.add_subparsers(title="rewards commands", metavar="COMMAND")
+    chk = rsub.add_parser("check", help="score a data set with a reward and print the distribution",
+                          description="Score the completions of DATA (or, with --gold, its gold solutions) with the "
+                          "reward SPEC and print the distribution: count, mean, std, histogram, abstentions, errors.",
+                          epilog="Settings are dotted RewardSpec overrides written right after SPEC, e.g. "
+                          "`posttrain rewards check math kwargs.gold_column=solution --data math.jsonl --gold`; "
+                          "others: kwargs.tags=[think,answer] timeout=60 executor=process")
+    chk.add_argument("spec", help="a registered reward (posttrain list), module:function or path/to/file.py:function")
+    chk.add_argument("overrides", nargs="*", help="dotted key=value reward settings (right after SPEC)")
+    chk.add_argument("--data", required=True, help="a .jsonl/.json/.parquet/.csv file, task:<name> or a hub data set")
+    chk.add_argument("--column", help="column holding the completions (default: completion; with --gold: answer)")
+    chk.add_argument("--gold", action="store_true", help="score the gold solutions (e.g. GSM8K's answer column) as "
+                     "completions: a verifier should give them full marks")
+    chk.add_argument("--split", default="train", help="split of a hub data set or synthetic task (default: train)")
+    chk.add_argument("--limit", type=int, help="only the first N rows")
+    chk.add_argument("--batch-size", type=int, default=64, help="completions per reward call (default: 64)")
+    chk.add_argument("--json", action="store_true", help="print the summary as JSON")
+    chk.set_defaults(func=cmd_rewards_check)
+
     ls = sub.add_parser("list", help="list registered components", description="Registered objectives, "
                         "aggregations, rewards, rollout engines and tasks.")
     ls.set_defaults(func=cmd_list)
@@ -114,6 +134,24 @@ def cmd_eval(args) -> int:
             for ex, c, ok in zip(examples, completions, correct):
                 f.write(json.dumps({"prompt": ex.prompt, "completion": c, "correct": ok}) + "\n")
     print(json.dumps({"eval/accuracy": sum(correct) / len(correct), "eval/num_samples": len(correct)}))
+    return 0
+
+
+def cmd_rewards_check(args) -> int:
+    from posttrain.configlib import apply_overrides, build
+    from posttrain.data import DataConfig, load_rows
+    from posttrain.rewarding import RewardSpec, check_reward, format_summary
+
+    spec = build(RewardSpec, apply_overrides({"name": args.spec}, args.overrides), "", "command line")
+    rows, roles = load_rows(DataConfig(source=args.data, split=args.split, limit=args.limit), "--data")
+    column = args.column or ("answer" if args.gold else "completion")
+    if column not in rows[0]:
+        raise ConfigError(f"--column: {args.data!r} has no column {column!r}; its columns: {', '.join(sorted(rows[0]))}")
+    prompt_col = roles.get("prompt") or next((c for c in ("prompt", "question") if c in rows[0]), None)
+    prompts = [row.get(prompt_col, "") if prompt_col else "" for row in rows]
+    columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
+    summary = check_reward(spec, prompts, [row[column] for row in rows], columns, args.batch_size)
+    print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
 

@@ -30,7 +30,7 @@ def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_toke
 def score(reward_fn, examples: list[Example], completions: list[str], threshold: float) -> list[float]:
     """1.0 / 0.0 per example: is the verifier's reward >= threshold? Columns are passed as in TRL."""
     columns = {k: [ex.columns.get(k) for ex in examples] for k in examples[0].columns}
-    rewards = reward_fn([ex.prompt for ex in examples], completions, **columns)
+    rewards = reward_fn(prompts=[ex.prompt for ex in examples], completions=completions, **columns)  # TRL's convention
     name = getattr(reward_fn, "__name__", repr(reward_fn))
     if len(rewards) != len(examples):
         raise ValueError(f"reward {name!r} returned {len(rewards)} values for {len(examples)} completions")

@@ -1,5 +1,20 @@
-"""Verifiable reward functions, importable as `rewards` (`from rewards import exact`; `rewards.get("exact")`)."""
+"""Verifiable reward functions, importable as `rewards` (`from rewards import gsm8k`; `rewards.get("gsm8k")`).
+
+Built-ins (each a plain function with TRL's signature, settings as keyword arguments a recipe binds):
+    exact     exact match of the final answer (synthetic tasks)          rewards/exact_match.py
+    gsm8k     numeric match of the final answer, GSM8K's `#### N`        rewards/numeric.py
+    math      equivalence by math-verify (LaTeX, fractions, sets, ...)   rewards/math_equiv.py
+    format    a tag layout such as <think>...</think><answer>...</answer> rewards/tags.py
+    overlong  DAPO's soft overlong punishment (alias: length)            rewards/length_penalty.py
+    code      fraction of assert tests passed, run in the sandbox        rewards/code_tests.py, rewards/sandbox.py
+Running them on a batch (concurrency, timeouts, errors, weights, metrics): posttrain/rewarding.py.
+"""
 from rewards.registry import REWARDS, get, register
 from rewards.exact_match import exact
+from rewards.numeric import gsm8k
+from rewards.math_equiv import math
+from rewards.tags import format
+from rewards.length_penalty import length, overlong
+from rewards.code_tests import code
 
-__all__ = ["REWARDS", "get", "register", "exact"]
+__all__ = ["REWARDS", "get", "register", "exact", "gsm8k", "math", "format", "overlong", "length", "code"]

@@ -1,0 +1,39 @@
+"""`gsm8k`: 1.0 when the completion's final number equals the gold answer's (within a tolerance), else 0.0."""
+from __future__ import annotations
+
+import math as _math
+
+from rewards.answers import column, completion_text, numeric_answer
+from rewards.registry import register
+
+
+@register("gsm8k")
+def gsm8k(prompts, completions, *, gold_column: str = "answer", rel_tol: float = 1e-9, abs_tol: float = 1e-6,
+          **columns) -> list[float | None]:
+    r"""Numeric match of the final answer with the gold solution in column `gold_column` (GSM8K's `#### N`).
+
+    The completion's answer is the first number after its last `####`, else in its last `\boxed{}`, else after
+    its last "answer is", else its last number (rewards/answers.py::numeric_answer); thousands separators,
+    currency signs, units and LaTeX (`\frac`, `\text`, `\$`) are handled. The gold is read the same way.
+    Correct when `math.isclose(answer, gold, rel_tol=rel_tol, abs_tol=abs_tol)`. A sample whose gold is None
+    abstains (None); a gold without any number is a data error (ValueError naming the sample).
+
+    >>> gold = ["She sells 16 - 3 - 4 = 9 eggs for $2 each.\n#### 18"]
+    >>> [gsm8k(["q"], [c], answer=gold)[0] for c in ["9 * 2 = 18\n#### 18", r"So $\boxed{\$18.00}$.",
+    ...                                             "The answer is 18 dollars.", "She makes $18", "#### 19"]]
+    [1.0, 1.0, 1.0, 1.0, 0.0]
+    """
+    golds = column(columns, gold_column, "gsm8k", len(completions), "gold_column")
+    out: list[float | None] = []
+    for i, (completion, gold) in enumerate(zip(completions, golds)):
+        if gold is None:
+            out.append(None)
+            continue
+        target = numeric_answer(str(gold))
+        if target is None:
+            raise ValueError(f"gsm8k: sample {i}: the gold answer in column {gold_column!r} has no number: "
+                             f"{str(gold)[-100:]!r}")
+        answer = numeric_answer(completion_text(completion))
+        ok = answer is not None and _math.isclose(answer, target, rel_tol=rel_tol, abs_tol=abs_tol)
+        out.append(1.0 if ok else 0.0)
+    return out
