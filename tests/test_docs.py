@@ -1,0 +1,32 @@
+"""README and recipes stay true to the code: the Quickstart block, and every recipe parses."""
+import re
+
+import pytest
+
+from posttrain.config import load_recipe
+
+from conftest import REPO
+
+
+def _quickstart_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"^## Quickstart\n.*?^```bash\n(.*?)^```", text, re.S | re.M)
+    assert block, "README has no ```bash block under '## Quickstart'"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_quickstart_block_is_two_commands():
+    first, second = _quickstart_commands()  # exactly two
+    assert "posttrain train recipes/quickstart.yaml" in first and "torch==2.13.0" in first
+    assert "pytest" in second and "torch==2.13.0" in second
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci/run").read_text()
+    assert "sed -n 2p" in ci and "## Quickstart" in ci  # .ci/run executes README's second command verbatim
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.yaml")), ids=str)
+def test_every_recipe_parses(path):
+    recipe = load_recipe(REPO / path)
+    assert recipe.stages
