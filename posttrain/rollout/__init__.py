@@ -1,4 +1,5 @@
 """Rollout engines (a registry: `hf`, `vllm`, `vllm-server`)."""
-from posttrain.rollout.base import ENGINES, Completion, RolloutEngine, SamplingConfig
+from posttrain.rollout import hf  # noqa: F401  (registers the `hf` engine)
+from posttrain.rollout.base import ENGINES, Completion, RolloutEngine, SamplingConfig, encode_prompts
 
-__all__ = ["ENGINES", "Completion", "RolloutEngine", "SamplingConfig"]
+__all__ = ["ENGINES", "Completion", "RolloutEngine", "SamplingConfig", "encode_prompts"]

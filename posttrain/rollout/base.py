@@ -32,15 +32,30 @@ class SamplingConfig:
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(all(self.stop), "stop", f"stop strings must be non-empty (an empty one matches any text), got {self.stop}")
 
 
 @dataclass
 class Completion:
+    """One sampled continuation of a prompt (+ prefix).
+
+    Log-probabilities, with z the model's logits for the next token and y_t the generated token:
+      logprobs[t]      log p_sample(y_t), p_sample = softmax(top_p(top_k(z / temperature))) renormalised over the
+                       tokens top-k/top-p keep: the distribution y_t was actually drawn from (the behaviour policy mu).
+                       Greedy decoding (temperature 0) draws from a point mass: every entry is 0.0.
+      raw_logprobs[t]  log softmax(z)[y_t]: the policy itself at temperature 1, nothing removed (None if the engine
+                       cannot report it).
+    pi_old of the RL ratio is the policy at the *sampling temperature* without top-k/top-p, log softmax(z / T)[y_t]
+    (the TRL/verl convention; the trainer's teacher-forced pass divides its logits by T). `logprobs` is exactly that
+    whenever temperature > 0, top_k = 0 and top_p = 1; with top-k/top-p on, recompute pi_old by teacher forcing.
+    """
+
     token_ids: list[int]            # generated tokens (stop string/EOS included when hit; no padding)
     text: str                       # decoded generated tokens, special tokens skipped
     logprobs: list[float]           # sampler's log-probability of each generated token (same length as token_ids)
     finish_reason: Literal["stop", "length"]
     prompt_index: int = 0           # which prompt of the call this completion answers
+    raw_logprobs: list[float] | None = None  # temperature-1, unprocessed policy log-probs (same length), if reported
 
 
 class RolloutEngine(Protocol):
@@ -61,3 +76,13 @@ class RolloutEngine(Protocol):
 
 # name -> factory(model, tokenizer, config dict, accelerator) -> RolloutEngine
 ENGINES: Registry = Registry("rollout engine")
+
+
+def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Chat messages -> prompt token ids ending in the assistant generation prompt, as the engines take them.
+
+    The template is rendered to text and then tokenized with add_special_tokens=False (as posttrain.data does), so
+    the ids are exactly those of a demonstration's prompt and no BOS is added twice.
+    """
+    texts = [tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) for msgs in conversations]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
