@@ -5,7 +5,7 @@ The parent starts it (inside fresh namespaces when available) and writes one JSO
 It then
   1. builds the jail (namespace mode): a fresh tmpfs as the root holding read-only binds of the interpreter and
      the system libraries only, a fresh /proc for the new pid namespace, a few device nodes, and a private
-     size-limited tmpfs at /tmp that is the working directory; pivots into it and detaches the host's tree;
+     size-limited tmpfs at /sandbox that is the working directory; pivots into it and detaches the host's tree;
   2. sets the resource limits, drops to the sandbox uid (or, in a user namespace, drops every capability),
      sets no_new_privs; in process mode installs an audit hook instead of the jail;
   3. forks: the child runs the code and then each test in the same globals, the parent waits (it is pid 1 of
@@ -30,6 +30,9 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+
+
+JAIL_WORKDIR = "/sandbox"  # the private tmpfs inside the jail: working directory, HOME and TMPDIR
 
 def _check(ret: int, what: str) -> None:
     if ret != 0:
@@ -99,10 +102,12 @@ def build_jail(cfg: dict) -> None:
            "size=1m,mode=1777")
     os.makedirs(root + "/proc")
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)   # this pid namespace's only
-    os.makedirs(root + "/tmp")
+    os.makedirs(root + JAIL_WORKDIR)  # not /tmp: the interpreter itself may live under the host's /tmp
     owner = f",uid={cfg['uid']},gid={cfg['uid']}" if cfg.get("uid") is not None else ""
-    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+    _mount("tmpfs", root + JAIL_WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={cfg['disk_mb']}m,nr_inodes=4096,mode=0700{owner}")
+    if not os.path.lexists(root + "/tmp"):  # programs that hard-code /tmp write into the private tmpfs too
+        os.symlink(JAIL_WORKDIR, root + "/tmp")
     os.makedirs(root + "/.old_root")
     _pivot_root(root, root + "/.old_root")
     os.chdir("/")
@@ -216,7 +221,7 @@ def main() -> None:
     fd = cfg["result_fd"]
     if cfg["mode"] == "namespaces":
         build_jail(cfg)
-        os.chdir("/tmp")
+        os.chdir(JAIL_WORKDIR)
     else:
         os.chdir(cfg["root"])
     set_limits(cfg)

@@ -10,7 +10,7 @@ Two isolation modes (`isolation=`; "auto" picks the first that works on this mac
     --map-root-user` when not root). Inside, `_sandbox_child.py`
       * makes a fresh tmpfs the root, holding only read-only binds of the interpreter (sys.prefix,
         sys.base_prefix), /usr and the library directories, a few device nodes (null, zero, full, random,
-        urandom), a fresh /proc of the new pid namespace, and a private size-limited tmpfs at /tmp which is the
+        urandom), a fresh /proc of the new pid namespace, and a private size-limited tmpfs at /sandbox which is the
         working directory and $HOME; it pivots into that root and detaches the host's tree, so the host's
         files (home directories, the project, other runs' data) are not reachable at all;
       * sets rlimits: CPU seconds, address space (RLIMIT_AS), processes (RLIMIT_NPROC), file size, open files,
@@ -89,7 +89,7 @@ class SandboxLimits:
     cpu_seconds: int = 10            # RLIMIT_CPU per process
     memory_mb: int = 1024            # RLIMIT_AS per process (address space, so keep headroom over the RSS)
     max_processes: int = 32          # RLIMIT_NPROC for the sandbox uid (threads count too)
-    disk_mb: int = 16                # size of the private /tmp (namespaces) and RLIMIT_FSIZE per file
+    disk_mb: int = 16                # size of the private /sandbox (namespaces) and RLIMIT_FSIZE per file
     max_open_files: int = 256        # RLIMIT_NOFILE
     max_output_bytes: int = 65536    # stdout and stderr are each kept up to this many bytes
 
@@ -247,7 +247,7 @@ def _command(mode: str) -> list[str]:
 
 
 def _clean_env(mode: str, root: str) -> dict[str, str]:
-    home = "/tmp" if mode == "namespaces" else root
+    home = "/sandbox" if mode == "namespaces" else root   # _sandbox_child.JAIL_WORKDIR
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"}
 
 

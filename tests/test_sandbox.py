@@ -34,6 +34,8 @@ TESTS = ["assert f() == 1"]
 
 def namespaces_or_skip():
     ok, why = sandbox.namespaces_available()
+    if not ok and os.environ.get("POSTTRAIN_REQUIRE_NAMESPACES") == "1":  # CI: a broken jail must fail, not skip
+        pytest.fail(f"namespace isolation is required here but did not start: {why}")
     if not ok:
         pytest.skip(f"namespace isolation is not available on this machine: {why}")
 
@@ -146,8 +148,8 @@ HOSTILE = {
     "kill_sibling": "import os, signal\nos.kill({sibling}, signal.SIGKILL)",
     "kill_everything": "import os, signal\nos.kill(-1, signal.SIGKILL)",
     "become_root": "import os\nos.setuid(0)",
-    "mount_over_tmp": "import ctypes\nassert ctypes.CDLL(None).mount(b'none', b'/tmp', b'tmpfs', 0, None) == 0",
-    "chroot": "import os\nos.chroot('/tmp')",
+    "mount_over_tmp": "import ctypes\nassert ctypes.CDLL(None).mount(b'none', b'/sandbox', b'tmpfs', 0, None) == 0",
+    "chroot": "import os\nos.chroot('/sandbox')",
 }
 
 
@@ -171,17 +173,17 @@ def test_control_scaffold_earns_full_reward(world):
 def test_namespace_sandbox_sees_a_clean_small_world(world):
     namespaces_or_skip()
     probe = ("import os, json\nprint(json.dumps({'uid': os.getuid(), 'cwd': os.getcwd(), 'env': dict(os.environ),"
-             " 'root': sorted(os.listdir('/')), 'tmp': os.listdir('/tmp'), 'pids': sorted(int(p) for p in"
+             " 'root': sorted(os.listdir('/')), 'tmp': os.listdir('/sandbox'), 'pids': sorted(int(p) for p in"
              " os.listdir('/proc') if p.isdigit()), 'lo': open('/sys/class/net/lo/operstate').read().strip()"
              " if os.path.exists('/sys/class/net/lo/operstate') else None}))")
     res = run_python(probe, limits=SandboxLimits(**LIMITS), isolation="namespaces")
     seen = json.loads(res.stdout)
     assert res.isolation == "namespaces"
-    assert seen["cwd"] == "/tmp" and seen["tmp"] == []
+    assert seen["cwd"] == "/sandbox" and seen["tmp"] == []
     assert set(seen["env"]) == {"PATH", "HOME", "TMPDIR", "LANG"}
     assert "hunter2" not in res.stdout
     assert seen["pids"] == [1, 2]                              # its own init and itself: no host process visible
-    allowed_top = {p.split("/")[1] for p in sandbox._ro_paths()} | {"tmp", "proc", "dev"}
+    allowed_top = {p.split("/")[1] for p in sandbox._ro_paths()} | {"sandbox", "tmp", "proc", "dev"}
     assert set(seen["root"]) <= allowed_top                  # only the read-only binds: no home, /var, /run, project
     assert "home" not in seen["root"] and "var" not in seen["root"] and "run" not in seen["root"]
     if os.geteuid() == 0:
@@ -190,7 +192,8 @@ def test_namespace_sandbox_sees_a_clean_small_world(world):
 
 def test_writes_inside_the_sandbox_stay_inside(world):
     namespaces_or_skip()
-    program = (f"open({world['host_tmp_file']!r}, 'w').write('x')\nopen('notes.txt', 'w').write('kept')\n"
+    program = (f"try:\n    open({world['host_tmp_file']!r}, 'w').write('x')\nexcept OSError:\n    pass\n"
+               "open('notes.txt', 'w').write('kept')\n"
                "def f():\n    return open('notes.txt').read()\n")
     assert rewards.code(["p"], [program], tests=[["assert f() == 'kept'"]], isolation="namespaces", **LIMITS) == [1.0]
 
@@ -289,6 +292,9 @@ def test_non_root_user_namespace_sandbox():
     python = "/usr/bin/python3"
     if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access(python, os.X_OK):
         pytest.skip("needs root (to become nobody), util-linux setpriv and a system python3 readable by nobody")
+    module = REPO / "rewards" / "sandbox.py"
+    if not all(p.stat().st_mode & 0o001 for p in module.parents) or not module.stat().st_mode & 0o004:
+        pytest.skip(f"the checkout is not readable by nobody (a parent of {module} is not world-searchable)")
     cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", NONROOT_SCRIPT,
            str(REPO / "rewards" / "sandbox.py")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
