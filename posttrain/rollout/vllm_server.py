@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.rollout.base import ENGINES, Completion, SamplingConfig
+from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
 from posttrain.rollout.vllm_engine import (
-    completion_logprobs, eos_token_ids, import_vllm, iter_weights, prompt_contexts, weight_entries,
+    completion_logprobs, eos_token_ids, import_vllm, iter_weights, weight_entries,
 )
 
 
