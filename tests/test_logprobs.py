@@ -127,13 +127,16 @@ def test_peak_memory_forward_backward_vocab_32k_seq_512():
     [B, L, K, V] tensor (33 GB) is never built."""
     cases = [("ours", "float32", 0), ("ours", "bfloat16", 0), ("ours", "bfloat16", 256),
              ("naive", "float32", 0), ("naive", "bfloat16", 0)]
-    procs = [_probe(*c) for c in cases]
-    results = {}
-    for case, proc in zip(cases, procs):
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, case
-        results[case] = json.loads(out.strip().splitlines()[-1])
     mib = 2**20
+    for attempt in range(3):  # RSS is the instrument: re-measure if it failed to see the naive version's copies
+        results = {}
+        for case in cases:  # one at a time: parallel probes put the machine under memory pressure and skew RSS
+            proc = _probe(*case)
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, case
+            results[case] = json.loads(out.strip().splitlines()[-1])
+        if all(r["peak"] > r["grad"] + r["slice_grad"] + CHUNK_BYTES + 8 * mib for c, r in results.items() if c[0] == "naive"):
+            break
     report = {f"{m}/{d}/K={k}": round(r["peak"] / mib, 1) for (m, d, k), r in results.items()}
     print("peak MiB added by forward+backward:", report)
     for case, r in results.items():
