@@ -104,7 +104,9 @@ PROBE = textwrap.dedent("""
     fn = selective_log_softmax if mode == "ours" else naive
     small = torch.randn(1, 8, 64, dtype=dtype, requires_grad=True)
     fn(small[:, :-1], torch.zeros((1, 7, k) if k else (1, 7), dtype=torch.long)).sum().backward()
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child of a large pytest process would
+    # start with its parent's high-water mark and see nothing of the op; VmHWM belongs to this process's own memory.
+    peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
     before = peak()
     fn(full[:, :-1], index).sum().backward()
     print(json.dumps({"peak": peak() - before, "grad": B * (T - 1) * V * full.element_size(),

@@ -217,7 +217,8 @@ def test_numpy_is_importable_inside(world):
 def test_partial_results_survive_a_timeout(world):
     """Results are streamed per test: the ones that ran before a hang still count."""
     namespaces_or_skip()
-    res = run_python("x = 1", ["assert x == 1", "while True: pass", "assert x == 1"], limits=SandboxLimits(**LIMITS),
+    hang = "import time\nwhile True: time.sleep(0.1)"  # wall-clock hang: the CPU limit must not end it first
+    res = run_python("x = 1", ["assert x == 1", hang, "assert x == 1"], limits=SandboxLimits(**LIMITS),
                      isolation="namespaces")
     assert res.timed_out and res.tests_passed == [True, False, False] and res.fraction_passed == pytest.approx(1 / 3)
 
