@@ -6,9 +6,13 @@
     objectives                name -> that objective's own typed settings (`type` picks the registered objective)
     train / optim / schedule  defaults for every stage (batch sizes, length, logging; AdamW; lr schedule)
     eval                      held-out greedy accuracy with a verifier reward
+    rollout                   RL stages: engine, sampling (group size), prompts per step, updates per batch
+                              (posttrain/rl/config.py)
+    rewards                   RL stages: the list of reward functions with weights (posttrain/rewarding.py)
     logging                   trackers (TensorBoard by default, W&B) and the progress bar
     stages                    a list; each names its objectives with weights and may override train, optim,
-                              schedule, data and eval (deep-merged over the top-level sections)
+                              schedule, data, eval and rollout (deep-merged over the top-level sections) and
+                              rewards (a list: replaced, not merged)
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.configlib import ConfigError, apply_overrides, build, deep_merge, field_doc, load_yaml, require
+from posttrain.configlib import ConfigError, apply_overrides, build, deep_merge, field_doc, load_yaml, require, to_dict
 from posttrain.data import DataConfig
 from posttrain.models import ModelConfig
-from posttrain.objectives import OBJECTIVES, ObjectiveConfig
+from posttrain.objectives import OBJECTIVES, ObjectiveConfig, build_objective
+from posttrain.rewarding import RewardSpec, build_reward_specs
+from posttrain.rl.config import RolloutConfig
 
-STAGE_SECTIONS = ("train", "optim", "schedule", "data", "eval")
+STAGE_SECTIONS = ("train", "optim", "schedule", "data", "eval", "rollout")   # mappings, deep-merged; `rewards` replaced
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,12 @@ class ScheduleConfig:
 class TrainConfig:
     """Batching, length and bookkeeping of a stage."""
 
-    batch_size: int = field_doc(64, "global batch: sequences per optimizer step over all processes")
+    batch_size: int = field_doc(64, "global batch: sequences per optimizer step over all processes (demonstration "
+                                    "stages; RL stages size their batch with rollout.prompts_per_step)")
     micro_batch_size: int = field_doc(8, "sequences per forward/backward on one process")
     epochs: float | None = field_doc(None, "stage length in passes over the data (or give steps)")
-    steps: int | None = field_doc(None, "stage length in optimizer steps (overrides epochs)")
+    steps: int | None = field_doc(None, "stage length in steps (overrides epochs): optimizer steps, or rollout "
+                                        "batches in an RL stage")
     log_every: int = field_doc(10, "log metrics every N steps")
     eval_every: int = field_doc(0, "evaluate every N steps (0 = only at the end of the stage)")
     save_every: int = field_doc(0, "checkpoint every N steps (0 = only at the end of the stage)")
@@ -115,6 +123,8 @@ class StageConfig:
     schedule: ScheduleConfig = field_doc(factory=ScheduleConfig, doc="lr schedule")
     data: DataConfig | None = field_doc(None, "training data")
     eval: EvalConfig = field_doc(factory=EvalConfig, doc="evaluation")
+    rollout: RolloutConfig = field_doc(factory=RolloutConfig, doc="sampling and updates (stages with an RL objective)")
+    rewards: list[RewardSpec] = field_doc(factory=list, doc="reward functions (stages with an RL objective)")
 
     def check(self) -> None:
         require(bool(self.objectives), "objectives", "a stage needs at least one objective")
@@ -135,6 +145,8 @@ class _RecipeFile:
     optim: dict[str, Any] = field_doc(factory=dict, doc="default optimizer settings")
     schedule: dict[str, Any] = field_doc(factory=dict, doc="default schedule")
     eval: dict[str, Any] = field_doc(factory=dict, doc="default evaluation")
+    rollout: dict[str, Any] = field_doc(factory=dict, doc="default rollout settings (RL stages)")
+    rewards: list[Any] | None = field_doc(None, "default reward functions (RL stages)")
     logging: LoggingConfig = field_doc(factory=LoggingConfig, doc="trackers and progress bar")
 
 
@@ -150,7 +162,7 @@ class Recipe:
 
 
 _SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "data": DataConfig,
-                  "eval": EvalConfig}
+                  "eval": EvalConfig, "rollout": RolloutConfig}
 
 
 def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
@@ -158,6 +170,8 @@ def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
     for key, cls in _SECTION_TYPES.items():  # keys and types of the shared defaults, reported where written
         if raw.get(key) is not None:
             build(cls, raw[key], key, source, partial=True)
+    if raw.get("rewards") is not None:
+        build_reward_specs(raw["rewards"], "rewards", source)
     objectives = {name: _build_objective(name, spec, source) for name, spec in top.objectives.items()}
     if not top.stages:
         raise ConfigError(f"{source}: stages: a recipe needs at least one stage")
@@ -183,6 +197,10 @@ def _build_stage(i: int, stage: Any, raw: dict, objectives: dict, source: str) -
         if base is not None or key in stage:
             merged[key] = deep_merge(base or {}, stage.get(key) or {}) if isinstance(stage.get(key, {}), dict) else stage[key]
     merged.setdefault("name", f"stage{i}")
+    rewards = stage["rewards"] if "rewards" in stage else raw.get("rewards")
+    if rewards is not None:
+        where = f"stages.{i}.rewards" if "rewards" in stage else "rewards"
+        merged["rewards"] = [to_dict(spec) for spec in build_reward_specs(rewards, where, source)]
     for key, cls in _SECTION_TYPES.items():  # report a section's errors where it is written: stage or top level
         if isinstance(merged.get(key), dict) and (key != "data" or "source" in merged[key]):
             build(cls, merged[key], f"stages.{i}.{key}" if key in stage else key, source)
@@ -193,7 +211,21 @@ def _build_stage(i: int, stage: Any, raw: dict, objectives: dict, source: str) -
                               f"defined: {', '.join(sorted(objectives)) or '(none)'}")
         if weight < 0:
             raise ConfigError(f"{source}: stages.{i}.objectives.{name}: weight must be >= 0, got {weight}")
+    _check_rollout_stage(i, cfg, objectives, source)
     return cfg
+
+
+def _check_rollout_stage(i: int, cfg: StageConfig, objectives: dict, source: str) -> None:
+    """A stage with an objective that learns from rollouts has rewards and no other objective (for now)."""
+    rl = [name for name in cfg.objectives if "rollouts" in build_objective(objectives[name]).needs]
+    if not rl:
+        return
+    if len(cfg.objectives) > 1:
+        raise ConfigError(f"{source}: stages.{i}.objectives: {rl[0]!r} learns from rollouts and cannot share a stage "
+                          f"with {', '.join(sorted(set(cfg.objectives) - {rl[0]}))!r} yet; give each its own stage")
+    if not cfg.rewards:
+        raise ConfigError(f"{source}: stages.{i}.rewards: objective {rl[0]!r} learns from rollouts and needs rewards: "
+                          "give `rewards:` at the top level or in the stage, e.g. [{name: gsm8k}]")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -33,7 +33,7 @@ def _plain(v):
 
 
 class Progress:
-    """A tqdm bar over a stage's steps showing loss and tokens/s (tqdm adds the ETA)."""
+    """A tqdm bar over a stage's steps showing loss, tokens/s and the mean reward of RL stages (tqdm adds the ETA)."""
 
     def __init__(self, enabled: bool, total: int, initial: int, desc: str):
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
@@ -41,6 +41,8 @@ class Progress:
 
     def update(self, metrics: dict) -> None:
         shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "tok/s": f"{metrics.get('tokens_per_s', 0):.0f}"}
+        if "reward/mean" in metrics:
+            shown["reward"] = f"{metrics['reward/mean']:.3f}"
         if "eval/accuracy" in metrics:
             shown["acc"] = f"{metrics['eval/accuracy']:.3f}"
         self.bar.set_postfix(shown, refresh=False)

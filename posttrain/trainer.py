@@ -1,19 +1,28 @@
 """The training loop: stages of weighted objectives over experience, on accelerate. Read top to bottom.
 
     for stage in recipe.stages:
-        objectives, builders, optimizer, schedule  <- the stage's config
+        objectives, builder, optimizer, schedule  <- the stage's config
         for step in stage:
-            batch  = this process's share of the global batch (deterministic in `step`)
-            norm   = global token / sequence counts of the whole step (all micro-batches, all processes)
-            for micro in batch:  loss = sum_k w_k * aggregate_k(objective_k(policy(micro)), norm); backward
-            clip, optimizer.step, scheduler.step
+            demonstrations:  optimize(this process's share of global batch `step`)
+            rollouts:        batch = RolloutBuilder.collect()   (generate, reward, advantages; rl/builder.py)
+                             for pass in num_iterations: for mini in batch: optimize(mini); engine.sync_weights
             log, evaluate, checkpoint
+
+    optimize(batch):
+        norm = global token / sequence counts of the whole batch (all micro-batches, all processes)
+        for micro in batch:  loss = sum_k w_k * aggregate_k(objective_k(policy(micro)), norm); backward
+        clip, optimizer.step, scheduler.step
+
+Metrics: objective metrics are token means (weighted by each micro-batch's share of the step's tokens, so their sum
+is the exact global mean), except names ending in /min or /max, reduced by min / max. In an RL stage the policy
+objective's metrics keep their own names (kl, entropy, clip_ratio/low, ...); elsewhere they are `<objective>/<name>`.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +31,7 @@ import torch
 
 from posttrain import checkpoint as ckpt
 from posttrain.config import Recipe, StageConfig
+from posttrain.configlib import ConfigError
 from posttrain.data import EpochSampler, Tokenized, collate_demos, load_rows, to_examples, tokenize_demos
 from posttrain.evaluation import greedy_completions, score
 from posttrain.experience import Experience
@@ -29,6 +39,17 @@ from posttrain.metrics import MetricsLog, Progress
 from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
 from posttrain.objectives import Normalizer, aggregate, build_objective
 from posttrain.policy import forward
+from posttrain.rewarding import load_rewards
+from posttrain.rl.builder import RLPlan, RolloutBuilder, check_world, rollout_prompts
+from posttrain.rl.value_head import ValueHeadModel
+from posttrain.rollout import ENGINES
+
+METRIC_NAMES = {"pg_loss": "loss/policy", "vf_loss": "loss/value"}   # objective metric -> the name users know
+
+
+def reduction(name: str) -> str:
+    """How a metric combines over micro-batches, processes and updates: min, max, or (token-weighted) sum / mean."""
+    return "min" if name.endswith("/min") else "max" if name.endswith("/max") else "sum"
 
 
 def make_accelerator(recipe: Recipe, mixed_precision: str = "no"):
@@ -63,12 +84,17 @@ class StageRun:
     cfg: StageConfig
     objectives: dict            # name -> objective
     weights: dict[str, float]
-    builder: DemoBuilder
-    total_steps: int
+    builder: DemoBuilder | RolloutBuilder
+    total_steps: int            # stage steps: optimizer steps, or rollout batches in an RL stage
     optimizer: torch.optim.Optimizer
     scheduler: object
     ref: torch.nn.Module | None
     data_stats: dict
+    temperature: float = 1.0    # policy log-probs are log softmax(z / T): the rollout's sampling temperature
+
+    @property
+    def rollout(self) -> RolloutBuilder | None:
+        return self.builder if isinstance(self.builder, RolloutBuilder) else None
 
 
 class Trainer:
@@ -87,6 +113,8 @@ class Trainer:
         self.model = load_model(path, recipe.model)
         self.model.train()
         self.log = MetricsLog(acc, self.run_dir)
+        self.rewards = {i: load_rewards(st.rewards, f"stages.{i}.rewards", recipe.source)   # resolved before training
+                        for i, st in enumerate(recipe.stages) if st.rewards}
         self.resume_from = ckpt.resolve(self.run_dir, resume) if resume else None
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
         if recipe.logging.report_to:
@@ -102,6 +130,8 @@ class Trainer:
                 self.state = ckpt.RunState(stage=index, global_step=self.state.global_step)
             results = self.run_stage(index, stage)
         self.export_final()
+        if getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None:
+            self.accelerator.free_memory()   # destroy the DeepSpeed engine before its process group goes
         self.accelerator.end_training()
         return results
 
@@ -118,15 +148,20 @@ class Trainer:
         bar = Progress(acc.is_main_process and self.recipe.logging.progress_bar, run.total_steps, self.state.step,
                        f"{stage.name}")
         metrics: dict = {}
-        while self.state.step < run.total_steps:
-            metrics = self.train_step(run)
-            self.state.step += 1
-            self.state.global_step += 1
-            metrics |= self.maybe_evaluate(run, final=self.state.step == run.total_steps)
-            if self.state.step % stage.train.log_every == 0 or self.state.step == run.total_steps or "eval/accuracy" in metrics:
-                self.log.log({"stage": index, **metrics}, self.state.global_step)
-            self.maybe_save(run, final=self.state.step == run.total_steps)
-            bar.update(metrics)
+        try:
+            while self.state.step < run.total_steps:
+                metrics = self.train_step(run)
+                self.state.step += 1
+                self.state.global_step += 1
+                last = self.state.step == run.total_steps
+                metrics |= self.maybe_evaluate(run, final=last)
+                if self.state.step % stage.train.log_every == 0 or last or "eval/accuracy" in metrics:
+                    self.log.log({"stage": index, **metrics}, self.state.global_step)
+                self.maybe_save(run, final=last)
+                bar.update(metrics)
+        finally:
+            if run.rollout is not None:
+                run.rollout.close()
         bar.close()
         return metrics
 
@@ -135,7 +170,39 @@ class Trainer:
         acc = self.accelerator
         objectives = {name: build_objective(self.recipe.objectives[name]) for name in stage.objectives}
         needs = set().union(*(o.needs for o in objectives.values()))
-        items, stats = self.tokenized_demos(stage)
+        if "rollouts" not in needs:
+            builder, total, stats = self.demo_builder(stage)
+        unwrapped = acc.unwrap_model(self.model)
+        backbone = unwrapped.model if isinstance(unwrapped, ValueHeadModel) else unwrapped
+        ref = self.reference(backbone) if needs & {"reference", "ref_logits"} else None
+        if "values" in needs:      # PPO: a value head on the backbone, for this stage only (no gradient elsewhere)
+            policy = unwrapped if isinstance(unwrapped, ValueHeadModel) else self.value_head_model(backbone)
+        else:
+            policy = backbone
+        acc.free_memory()
+        optimizer = make_optimizer(policy, stage)
+        self.configure_deepspeed(stage)
+        self.model, optimizer = acc.prepare(policy, optimizer)
+        updates = 1
+        if "rollouts" in needs:    # the engine samples from the prepared policy
+            builder, total, stats = self.rollout_builder(stage, objectives)
+            updates = stage.rollout.updates_per_step
+        scheduler = make_scheduler(optimizer, stage, total * updates)   # the schedule counts optimizer steps
+        temperature = (stage.rollout.sampling.temperature or 1.0) if "rollouts" in needs else 1.0
+        return StageRun(stage, objectives, dict(stage.objectives), builder, total, optimizer, scheduler, ref, stats,
+                        temperature)
+
+    def value_head_model(self, backbone: torch.nn.Module) -> ValueHeadModel:
+        """The backbone with a fresh value head, initialised from the recipe seed and the stage alone (the same on
+        every process and under any launcher; the global RNG stream is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.recipe.seed + self.state.stage)
+            return ValueHeadModel(backbone)
+
+    def demo_builder(self, stage: StageConfig) -> tuple[DemoBuilder, int, dict]:
+        acc, where = self.accelerator, f"stages.{self.state.stage}.data"
+        rows, columns = load_rows(stage.data, where)
+        items, stats = tokenize_demos(to_examples(rows, columns, stage.data, where), self.tokenizer, stage.data, where)
         world = acc.num_processes
         if stage.train.batch_size % world:
             raise ValueError(f"{self.recipe.source}: stages.{self.state.stage}.train.batch_size "
@@ -143,82 +210,195 @@ class Trainer:
         total = stage.train.steps or max(1, math.ceil(stage.train.epochs * len(items) / stage.train.batch_size))
         builder = DemoBuilder(items, self.tokenizer.pad_token_id, self.recipe.seed + self.state.stage,
                               stage.train.batch_size, acc.process_index, world)
-        unwrapped = acc.unwrap_model(self.model)
-        ref = frozen_copy(unwrapped).to(acc.device) if needs & {"reference", "ref_logits"} else None
-        acc.free_memory()
-        optimizer = make_optimizer(unwrapped, stage)
-        self.model, optimizer = acc.prepare(unwrapped, optimizer)
-        scheduler = make_scheduler(optimizer, stage, total)
-        return StageRun(stage, objectives, dict(stage.objectives), builder, total, optimizer, scheduler, ref,
-                        {"examples": stats.kept, "truncated": stats.truncated, "dropped_overlong": stats.dropped_overlong})
+        return builder, total, {"examples": stats.kept, "truncated": stats.truncated,
+                                "dropped_overlong": stats.dropped_overlong}
 
-    def tokenized_demos(self, stage: StageConfig):
-        where = f"stages.{self.state.stage}.data"
-        rows, columns = load_rows(stage.data, where)
-        return tokenize_demos(to_examples(rows, columns, stage.data, where), self.tokenizer, stage.data, where)
+    def rollout_builder(self, stage: StageConfig, objectives: dict) -> tuple[RolloutBuilder, int, dict]:
+        acc, index, where = self.accelerator, self.state.stage, f"stages.{self.state.stage}"
+        check_world(stage.rollout, acc.num_processes, f"{where}.rollout", self.recipe.source)
+        rows, columns = load_rows(stage.data, f"{where}.data")
+        examples = to_examples(rows, columns, stage.data, f"{where}.data")
+        prompts, dropped = rollout_prompts(examples, rows, columns, self.tokenizer, stage.data.max_length)
+        if not prompts:
+            raise ConfigError(f"{self.recipe.source}: {where}.data: every prompt of {stage.data.source!r} is longer "
+                              f"than max_length={stage.data.max_length} tokens")
+        (objective,) = objectives.values()
+        engine = ENGINES.get(stage.rollout.engine)(self.model, self.tokenizer, stage.rollout.engine_args, acc)
+        builder = RolloutBuilder(prompts, stage.rollout, RLPlan.of(objective), self.rewards[index], engine,
+                                 self.tokenizer, acc, self.recipe.seed + index, stage.train.micro_batch_size)
+        builder.load_state_dict(self.state.extras.get("rollout", {}))
+        per_step = stage.rollout.prompts_per_step
+        total = stage.train.steps or max(1, math.ceil(stage.train.epochs * len(prompts) / per_step))
+        return builder, total, {"prompts": len(prompts), "dropped_overlong": dropped}
+
+    def reference(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """pi_ref = the policy at the start of the stage, frozen. After the first stage that is no longer the loaded
+        model, so it is saved once under RUN_DIR/references/stage<i> and read back when a run resumes in the stage
+        (from the checkpoint's run directory; copied into this run's if they differ)."""
+        acc, index = self.accelerator, self.state.stage
+        path = self.run_dir / "references" / f"stage{index}"
+        if index > 0 and self.resume_from is not None:
+            saved = Path(self.resume_from).resolve().parent.parent / "references" / f"stage{index}"
+            if not (saved / "config.json").is_file():
+                raise FileNotFoundError(f"resuming stage {index} needs its reference model, saved at {saved} when "
+                                        "the stage started; it is missing")
+            if acc.is_main_process and saved != path.resolve():
+                shutil.copytree(saved, path, dirs_exist_ok=True)
+            acc.wait_for_everyone()
+            return load_model(str(saved), self.recipe.model).eval().requires_grad_(False).to(acc.device)
+        ref = self.frozen_reference(backbone)
+        if index > 0:
+            if acc.is_main_process:
+                ref.save_pretrained(path)
+            acc.wait_for_everyone()
+        return ref
+
+    def frozen_reference(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """A frozen full copy of the policy on every process; under ZeRO-3 gathered from its shards (the copy is not
+        sharded: each process holds the whole reference)."""
+        if not any(hasattr(p, "ds_id") for p in backbone.parameters()):
+            return frozen_copy(backbone).to(self.accelerator.device)
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        with deepspeed.zero.GatheredParameters(list(backbone.parameters())):
+            state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+        unset_hf_deepspeed_config()              # else transformers builds the copy partitioned (zero.Init) again
+        try:
+            ref = AutoModelForCausalLM.from_config(backbone.config, dtype=next(iter(state.values())).dtype)
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+        ref.load_state_dict(state)
+        return ref.eval().requires_grad_(False).to(self.accelerator.device)
+
+    def configure_deepspeed(self, stage: StageConfig) -> None:
+        """Under DeepSpeed: micro-batch size and gradient clipping from the stage, one accumulation step in its config
+        (the trainer accumulates micro-batches itself and marks the last one; see `backward`)."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return
+        micro = stage.train.micro_batch_size
+        plugin.deepspeed_config.update({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+                                        "train_batch_size": micro * self.accelerator.num_processes,
+                                        "gradient_clipping": stage.optim.max_grad_norm})
 
     # ---------------------------------------------------------------------------------------------- step
     def train_step(self, run: StageRun) -> dict:
+        if run.rollout is not None:
+            return self.rollout_step(run)
         acc, started = self.accelerator, time.perf_counter()
         batch = run.builder.batch(self.state.step)
-        norm = self.global_normalizer(batch)
+        metrics = self.optimize(run, batch)
+        tokens = acc.reduce(batch.attention_mask.sum().to(acc.device), "sum")
+        return metrics | {"tokens_per_s": float(tokens) / (time.perf_counter() - started),
+                          "epoch": (self.state.step + 1) * run.cfg.train.batch_size / len(run.builder.items)}
+
+    def rollout_step(self, run: StageRun) -> dict:
+        """One rollout batch, then num_iterations passes over its mini-batches (one optimizer step each)."""
+        acc, rollout, started = self.accelerator, run.rollout, time.perf_counter()
+        batch, metrics = rollout.collect(acc.unwrap_model(self.model), run.ref)
+        trained, synced, updates = time.perf_counter(), 0.0, []
+        for _ in range(run.cfg.rollout.num_iterations):
+            for mini in rollout.mini_batches(batch):
+                updates.append(self.optimize(run, mini, max_len=run.cfg.rollout.sampling.max_new_tokens))
+                tick = time.perf_counter()
+                rollout.engine.sync_weights(self.model)
+                synced += time.perf_counter() - tick
+        done = time.perf_counter()
+        tokens = float(acc.reduce(batch.attention_mask.sum().to(acc.device), "sum"))
+        return metrics | combine_updates(updates) | {
+            "time/train": done - trained - synced, "time/sync": synced, "time/step": done - started,
+            "tokens_per_s": tokens / (done - started), "optimizer_steps": float(len(updates))}
+
+    def optimize(self, run: StageRun, batch: Experience, max_len: float | None = None) -> dict:
+        """One optimizer step on this process's share of a global batch -> metrics reduced over processes."""
+        acc = self.accelerator
+        norm = self.global_normalizer(batch, max_len)
         micro = batch.split(run.cfg.train.micro_batch_size)
         totals: dict[str, torch.Tensor] = {}
         for i, mb in enumerate(micro):
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
                 loss, parts = self.micro_loss(run, mb.trimmed().to(acc.device), norm)
-                acc.backward(loss * acc.num_processes)  # DDP averages gradients over processes; undo that
+                self.backward(loss * acc.num_processes, last=i == len(micro) - 1)  # DDP/ZeRO average over processes
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v
+                totals[k] = v if k not in totals else _combine(reduction(k), totals[k], v)
         grad_norm = self.clip(run)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        return self.step_metrics(run, batch, totals, grad_norm, time.perf_counter() - started)
+        return self.reduce_metrics(totals) | {"lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
 
     def micro_loss(self, run: StageRun, mb: Experience, norm: Normalizer) -> tuple[torch.Tensor, dict]:
         """sum_k w_k * aggregate_k(loss_k) on one micro-batch, plus detached per-objective parts."""
-        if run.ref is not None:
+        if run.ref is not None and run.rollout is None:   # rollouts carry ref_logprobs from collection
             with torch.no_grad():
                 ref_out = forward(run.ref, mb)
             mb.ref_logprobs, mb.ref_logits = ref_out.logprobs, ref_out.logits
-        out = forward(self.model, mb)
+        out = forward(self.model, mb, run.temperature)
         mask = mb.target_mask                                            # [B, L]
+        share = mask.sum() / max(norm.tokens, 1.0)                       # this micro-batch's share of the tokens
         total, parts = 0.0, {}
         for name, objective in run.objectives.items():
             per_token, metrics = objective(out, mb)                      # [B, L]
             agg = aggregate(per_token, mask, objective.config.aggregation, norm)
             total = total + run.weights[name] * agg
             parts[f"loss/{name}"] = agg.detach()
-            for k, v in metrics.items():  # objective metrics are token means: weight by this micro-batch's share
-                parts[f"{name}/{k}"] = torch.as_tensor(v, dtype=torch.float32) * (mask.sum() / max(norm.tokens, 1.0))
+            prefix = "" if "rollouts" in objective.needs else f"{name}/"
+            for k, v in metrics.items():  # token means: weighted by the share (their sum is the global mean)
+                key = prefix + METRIC_NAMES.get(k, k)
+                v = torch.as_tensor(v, dtype=torch.float32)
+                parts[key] = v * share if reduction(key) == "sum" else v
         parts["loss"] = total.detach()
         return total, parts
 
-    def global_normalizer(self, batch: Experience) -> Normalizer:
+    def global_normalizer(self, batch: Experience, max_len: float | None = None) -> Normalizer:
+        """Token and sequence counts of the whole batch over all processes; L_max = `max_len` (the generation budget
+        of a rollout) or the longest loss span."""
         mask = batch.target_mask
         counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=self.accelerator.device)
         counts = self.accelerator.reduce(counts, "sum")
-        longest = self.accelerator.reduce(mask.sum(-1).max().to(self.accelerator.device, torch.float64), "max")
-        return Normalizer(tokens=float(counts[0]), seqs=float(counts[1]), max_len=float(longest))
+        if max_len is None:
+            max_len = self.accelerator.reduce(mask.sum(-1).max().to(self.accelerator.device, torch.float64), "max")
+        return Normalizer(tokens=float(counts[0]), seqs=float(counts[1]), max_len=float(max_len))
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """accelerate's backward, except under DeepSpeed: its engine scales by 1 / its accumulation steps and steps
+        the optimizer inside every backward, so the trainer tells it which micro-batch ends the optimizer step (the
+        engine then clips, steps and zeroes the gradients; optimizer.step / zero_grad are no-ops there)."""
+        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if engine is None:
+            self.accelerator.backward(loss)
+        else:
+            engine.backward(loss, sync_gradients=last)
 
     def clip(self, run: StageRun) -> float:
+        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if engine is not None:                                        # DeepSpeed clipped in its step (its config)
+            norm = engine.get_global_grad_norm()
+            return float(norm) if norm is not None else math.nan
         max_norm = run.cfg.optim.max_grad_norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         if max_norm > 0:
             return float(self.accelerator.clip_grad_norm_(params, max_norm))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
 
-    def step_metrics(self, run: StageRun, batch: Experience, totals: dict, grad_norm: float, seconds: float) -> dict:
-        acc = self.accelerator
-        names = sorted(totals)
-        reduced = acc.reduce(torch.stack([torch.as_tensor(totals[k], dtype=torch.float32) for k in names]).to(acc.device), "sum")
-        tokens = acc.reduce(batch.attention_mask.sum().to(acc.device), "sum")
-        metrics = {k: float(v) for k, v in zip(names, reduced)}
-        metrics.update(lr=run.scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens_per_s=float(tokens) / seconds,
-                       epoch=(self.state.step + 1) * run.cfg.train.batch_size / len(run.builder.items))
-        return metrics
+    def reduce_metrics(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Sum (token-weighted means), min or max over processes, by each metric's name."""
+        acc, out = self.accelerator, {}
+        for kind in ("sum", "min", "max"):
+            names = sorted(k for k in totals if reduction(k) == kind)
+            if not names:
+                continue
+            values = torch.stack([torch.as_tensor(totals[k], dtype=torch.float32) for k in names]).to(acc.device)
+            if kind == "sum":
+                values = acc.reduce(values, "sum")
+            elif acc.num_processes > 1:
+                gathered = acc.gather(values[None])                     # [W, K]
+                values = gathered.amin(0) if kind == "min" else gathered.amax(0)
+            out |= {k: float(v) for k, v in zip(names, values)}
+        return out
 
     # ---------------------------------------------------------------------------------- eval, checkpoints
     def maybe_evaluate(self, run: StageRun, final: bool) -> dict:
@@ -245,6 +425,8 @@ class Trainer:
         every = run.cfg.train.save_every
         if final or (every and self.state.step % every == 0):
             self.state.scheduler = run.scheduler.state_dict()
+            if run.rollout is not None:
+                self.state.extras["rollout"] = run.rollout.state_dict()
             ckpt.save(self.accelerator, self.run_dir, self.state, run.cfg.train.keep_checkpoints)
 
     def export_final(self) -> Path:
@@ -258,6 +440,22 @@ class Trainer:
             self.tokenizer.save_pretrained(out)
         acc.wait_for_everyone()
         return out
+
+
+def combine_updates(updates: list[dict]) -> dict:
+    """The metrics of one rollout step's optimizer updates: min / max for /min and /max names, the last lr, else the
+    mean."""
+    out = {}
+    for k in updates[0]:
+        values = [u[k] for u in updates]
+        kind = reduction(k)
+        out[k] = values[-1] if k == "lr" else min(values) if kind == "min" else max(values) if kind == "max" \
+            else sum(values) / len(values)
+    return out
+
+
+def _combine(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b if kind == "sum" else torch.minimum(a, b) if kind == "min" else torch.maximum(a, b)
 
 
 def make_optimizer(model: torch.nn.Module, stage: StageConfig) -> torch.optim.Optimizer:

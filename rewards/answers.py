@@ -95,6 +95,20 @@ def numeric_answer(text: str) -> float | None:
     ...                               "3 + 4 = 7 dollars", "no digits"]]
     [18.0, 1000.0, 7.0, 7.0, None]
     """
+    marked = marked_answer(text)
+    if marked is not None:
+        return marked
+    numbers = NUMBER_RE.findall(_latex_to_plain(text))
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def marked_answer(text: str) -> float | None:
+    r"""The answer only where the solution marks one (rules 1-3 of `numeric_answer`: `####`, `\boxed{}`, "answer
+    is"); None for a bare last number.
+
+    >>> [marked_answer(t) for t in ["so 9 eggs\n#### 18", "The answer is 7.", "3 + 4 = 7 dollars"]]
+    [18.0, 7.0, None]
+    """
     if "####" in text:
         value = first_number(text.rsplit("####", 1)[1])
         if value is not None:
@@ -109,8 +123,7 @@ def numeric_answer(text: str) -> float | None:
         value = first_number(text[marks[-1].end():])
         if value is not None:
             return value
-    numbers = NUMBER_RE.findall(_latex_to_plain(text))
-    return parse_number(numbers[-1]) if numbers else None
+    return None
 
 
 def column(columns: dict, name: str, reward: str, n: int, setting: str) -> list:

@@ -1,15 +1,16 @@
-"""`gsm8k`: 1.0 when the completion's final number equals the gold answer's (within a tolerance), else 0.0."""
+"""`gsm8k`: 1.0 when the completion's final number equals the gold answer's (within a tolerance), else 0.0 (or a
+partial credit for a marked but wrong answer, as ReFT's 1 / 0.1 / 0)."""
 from __future__ import annotations
 
 import math as _math
 
-from rewards.answers import column, completion_text, numeric_answer
+from rewards.answers import column, completion_text, marked_answer, numeric_answer
 from rewards.registry import register
 
 
 @register("gsm8k")
 def gsm8k(prompts, completions, *, gold_column: str = "answer", rel_tol: float = 1e-9, abs_tol: float = 1e-6,
-          **columns) -> list[float | None]:
+          partial: float = 0.0, **columns) -> list[float | None]:
     r"""Numeric match of the final answer with the gold solution in column `gold_column` (GSM8K's `#### N`).
 
     The completion's answer is the first number after its last `####`, else in its last `\boxed{}`, else after
@@ -17,6 +18,13 @@ def gsm8k(prompts, completions, *, gold_column: str = "answer", rel_tol: float =
     currency signs, units and LaTeX (`\frac`, `\text`, `\$`) are handled. The gold is read the same way.
     Correct when `math.isclose(answer, gold, rel_tol=rel_tol, abs_tol=abs_tol)`. A sample whose gold is None
     abstains (None); a gold without any number is a data error (ValueError naming the sample).
+
+    `partial` is the reward of a wrong answer that the completion marks as its answer (after `####`, in `\boxed{}`,
+    or after "answer is"); a wrong bare last number or no number gets 0. ReFT (arXiv 2401.08967, Sec. 3) uses
+    1 / 0.1 / 0 with `partial: 0.1` (and abs_tol 1e-2):
+
+    >>> gsm8k(["q"] * 3, ["#### 18", "#### 17", "I think 17"], answer=["#### 18"] * 3, partial=0.1)
+    [1.0, 0.1, 0.0]
 
     >>> gold = ["She sells 16 - 3 - 4 = 9 eggs for $2 each.\n#### 18"]
     >>> [gsm8k(["q"], [c], answer=gold)[0] for c in ["9 * 2 = 18\n#### 18", r"So $\boxed{\$18.00}$.",
@@ -35,5 +43,5 @@ def gsm8k(prompts, completions, *, gold_column: str = "answer", rel_tol: float =
                              f"{str(gold)[-100:]!r}")
         answer = numeric_answer(completion_text(completion))
         ok = answer is not None and _math.isclose(answer, target, rel_tol=rel_tol, abs_tol=abs_tol)
-        out.append(1.0 if ok else 0.0)
+        out.append(1.0 if ok else partial if marked_answer(completion_text(completion)) is not None else 0.0)
     return out
