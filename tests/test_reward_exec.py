@@ -68,7 +68,7 @@ def test_load_resolves_and_checks(tmp_path):
     with pytest.raises(ConfigError, match=r"rewards.0.name: unknown reward 'gsm9k'; registered: code, exact"):
         load_rewards(build_reward_specs(["gsm9k"]))
     with pytest.raises(ConfigError, match=r"rewards.0.kwargs.gold_colum: not a setting of reward 'gsm8k'; its settings: "
-                                          r"abs_tol, gold_column, rel_tol"):
+                                          r"abs_tol, gold_column, partial, rel_tol"):
         load_rewards(build_reward_specs([{"name": "gsm8k", "kwargs": {"gold_colum": "x"}}]))
     with pytest.raises(ConfigError, match=r"must accept `completions` by keyword"):
         load_rewards(build_reward_specs([f"{path}:no_completions"]))
