@@ -333,9 +333,11 @@ class Trainer:
     def micro_loss(self, run: StageRun, mb: Experience, norm: Normalizer) -> tuple[torch.Tensor, dict]:
         """sum_k w_k * aggregate_k(loss_k) on one micro-batch, plus detached per-objective parts."""
         if run.ref is not None and run.rollout is None:   # rollouts carry ref_logprobs from collection
+            needs = set().union(*(o.needs for o in run.objectives.values()))
             with torch.no_grad():
-                ref_out = forward(run.ref, mb)
-            mb.ref_logprobs, mb.ref_logits = ref_out.logprobs, ref_out.logits
+                ref_out = forward(run.ref, mb, logprobs="reference" in needs)
+            mb.ref_logprobs = ref_out.logprobs
+            mb.ref_logits = ref_out.logits if "ref_logits" in needs else None
         out = forward(self.model, mb, run.temperature)
         mask = mb.target_mask                                            # [B, L]
         share = mask.sum() / max(norm.tokens, 1.0)                       # this micro-batch's share of the tokens

@@ -2,6 +2,7 @@
 
 Built-ins (each a plain function with TRL's signature, settings as keyword arguments a recipe binds):
     exact     exact match of the final answer (synthetic tasks)          rewards/exact_match.py
+    steps     every step of an arithmetic chain shown and correct         rewards/chain.py
     gsm8k     numeric match of the final answer, GSM8K's `#### N`        rewards/numeric.py
     math      equivalence by math-verify (LaTeX, fractions, sets, ...)   rewards/math_equiv.py
     format    a tag layout such as <think>...</think><answer>...</answer> rewards/tags.py
@@ -11,10 +12,11 @@ Running them on a batch (concurrency, timeouts, errors, weights, metrics): postt
 """
 from rewards.registry import REWARDS, get, register
 from rewards.exact_match import exact
+from rewards.chain import steps
 from rewards.numeric import gsm8k
 from rewards.math_equiv import math
 from rewards.tags import format
 from rewards.length_penalty import length, overlong
 from rewards.code_tests import code
 
-__all__ = ["REWARDS", "get", "register", "exact", "gsm8k", "math", "format", "overlong", "length", "code"]
+__all__ = ["REWARDS", "get", "register", "exact", "steps", "gsm8k", "math", "format", "overlong", "length", "code"]

@@ -331,3 +331,24 @@ def test_cli_rewards_help(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert "check" in capsys.readouterr().out
+
+
+def test_steps_verifies_every_line_of_an_arithmetic_chain():
+    """`steps` takes chat or text prompts, rejects a right answer reached through a wrong step, a skipped step or a
+    reordered chain, and names the row whose prompt is not a chain."""
+    from rewards import steps
+    from posttrain.tasks.arithmetic import ArithmeticConfig, generate
+
+    rows = generate(ArithmeticConfig(digits=1, num_ops=3, num_examples=20))
+    chat = [[{"role": "user", "content": r["question"]}] for r in rows]
+    assert steps(chat, [r["solution"] for r in rows], answer=[r["answer"] for r in rows]) == [1.0] * 20
+    q = [{"role": "user", "content": "What is 7 - 8 + 1?"}]
+    cases = {"7-8=-1\n-1+1=0\n#### 0": 1.0,        # the gold chain
+             "7-8=-1\n-1+1=0\n#### 0\n": 1.0,      # trailing whitespace
+             "7-8=0\n0+1=0\n#### 0": 0.0,          # right answer, two wrong steps
+             "7-8=-1\n#### 0": 0.0,                # a step skipped
+             "7+1=8\n8-8=0\n#### 0": 0.0,          # operations reordered
+             "7-8=-1\n-1+1=0\n#### 1": 0.0}        # a wrong final answer
+    assert steps([q] * len(cases), list(cases), answer=["0"] * len(cases)) == list(cases.values())
+    with pytest.raises(ValueError, match=r"reward 'steps': row 1: the prompt has no arithmetic chain"):
+        steps(["What is 2 + 3?", "Name a colour."], ["#### 5", "red"], answer=["5", "red"])

@@ -50,7 +50,7 @@ class ValueHeadModel(nn.Module):
         finally:
             hook.remove()
         if len(seen) != 1 or seen[0].shape[1] != out.logits.shape[1]:
-            raise RuntimeError("value head: expected one LM-head call over every position (do not pass logits_to_keep)")
+            raise RuntimeError("value head: expected one LM-head call whose positions are the logits' positions")
         hidden = seen[0]                                                    # h_t  [B, T, H]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)   # V_t = w . h_t + b  [B, T]
         return ValueHeadOutput(logits=out.logits, values=values.float())

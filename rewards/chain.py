@@ -1,0 +1,65 @@
+"""`steps`: 1.0 when every step of an arithmetic chain is shown and correct, and the final answer follows from them.
+
+The `exact` reward checks the final answer only, and on task:arithmetic a small model can reach it by a shortcut
+while writing wrong steps ("3+2=4 / 4-3=2 / 2-9=-7 / #### -7"): measured on the tiny quickstart model after 300 SFT
+steps, 125 of 174 correct sampled answers had a wrong step. Reinforcing those teaches wrong arithmetic. `steps`
+verifies the work line by line against the question instead.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+from rewards.answers import completion_text, extract_final_answer
+from rewards.registry import register
+
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+_QUESTION = re.compile(r"(\d+(?:\s*[-+*]\s*\d+)+)\s*\?")
+_LINE = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$")
+
+
+def _chain(prompt, row: int) -> tuple[int, list[tuple[str, int]]]:
+    """The question's first operand and its (operator, operand) steps."""
+    text = prompt if isinstance(prompt, str) else next(
+        (m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+    match = _QUESTION.search(text)
+    if match is None:
+        raise ValueError(f"reward 'steps': row {row}: the prompt has no arithmetic chain such as 'What is 7 + 5 - 3?', "
+                         f"got {text[:80]!r}")
+    tokens = re.findall(r"\d+|[-+*]", match.group(1))
+    return int(tokens[0]), [(tokens[i], int(tokens[i + 1])) for i in range(1, len(tokens), 2)]
+
+
+def _verified(completion: str, first: int, chain: list[tuple[str, int]], gold: str) -> bool:
+    work, _, _ = completion.partition("####")
+    lines = [line for line in work.strip().splitlines() if line.strip()]
+    if len(lines) != len(chain):
+        return False
+    value = first
+    for line, (op, operand) in zip(lines, chain):
+        m = _LINE.match(line)
+        if m is None or (int(m[1]), m[2], int(m[3])) != (value, op, operand):
+            return False
+        value = _OPS[op](value, operand)
+        if int(m[4]) != value:
+            return False
+    return extract_final_answer(completion) == str(value) == str(gold).strip()
+
+
+@register("steps")
+def steps(prompts, completions, answer, **columns) -> list[float]:
+    """1.0 when the completion writes each step of the question's chain, left to right, one `a<op>b=c` line each,
+    every line correct, and ends in `#### <answer>` equal to the gold answer; else 0.0.
+
+    >>> steps(["What is 3 + 2 - 9?"], ["3+2=5\\n5-9=-4\\n#### -4"], answer=["-4"])
+    [1.0]
+    >>> steps(["What is 3 + 2 - 9?"], ["3+2=4\\n4-9=-4\\n#### -4"], answer=["-4"])   # right answer, wrong step
+    [0.0]
+    >>> steps(["What is 3 + 2 - 9?"], ["#### -4"], answer=["-4"])                    # no work shown
+    [0.0]
+    """
+    out = []
+    for row, (prompt, completion, gold) in enumerate(zip(prompts, completions, answer, strict=True)):
+        first, chain = _chain(prompt, row)
+        out.append(1.0 if _verified(completion_text(completion), first, chain, gold) else 0.0)
+    return out
