@@ -46,7 +46,7 @@ def timing(args, out_dir: Path) -> dict:
 
     runs = {}
     for m in METHODS:
-        r = recipe_for(m, out_dir, [f"objectives.otr.num_samples={args.k}"] if m == "otr" else [])
+        r = recipe_for(m, out_dir, ([f"objectives.otr.num_samples={args.k}"] if m == "otr" else []) + args.set)
         r = Recipe(r.output_dir, r.seed, r.model, r.objectives, [r.stages[1]], r.logging, r.source)  # method only
         trainer = Trainer(r)
         runs[m] = (trainer, trainer.setup_stage(r.stages[0]))
@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=200, help="SFT warm-up steps before each method")
     p.add_argument("--method-steps", type=int, default=400, help="steps of the method after the warm-up")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override for the accuracy runs, e.g. --set data.task.ops=+ (repeatable)")
+                   help="recipe override for the timing and accuracy runs, e.g. --set model.tiny.hidden_size=256 (repeatable)")
     p.add_argument("--no-timing", action="store_true", help="skip the step-time rounds")
     p.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     args = p.parse_args()

@@ -76,6 +76,10 @@ class TrainConfig:
     eval_every: int = field_doc(0, "evaluate every N steps (0 = only at the end of the stage)")
     save_every: int = field_doc(0, "checkpoint every N steps (0 = only at the end of the stage)")
     keep_checkpoints: int = field_doc(2, "step checkpoints to keep (older ones are deleted)")
+    max_minutes: float | None = field_doc(None, "wall-time budget of the stage's steps: the stage ends after the "
+                                                "first step that exceeds it, with its final evaluation and "
+                                                "checkpoint (the lr schedule keeps its full length; --resume from that checkpoint "
+                                                "continues the stage)")
 
     def check(self) -> None:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -85,6 +89,7 @@ class TrainConfig:
         require(self.epochs is None or self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", f"must be > 0, got {self.max_minutes}")
 
 
 @dataclass(frozen=True)

@@ -148,22 +148,36 @@ class Trainer:
         bar = Progress(acc.is_main_process and self.recipe.logging.progress_bar, run.total_steps, self.state.step,
                        f"{stage.name}")
         metrics: dict = {}
+        started, rewards = time.perf_counter(), []
         try:
             while self.state.step < run.total_steps:
                 metrics = self.train_step(run)
+                if "reward/mean" in metrics:
+                    rewards.append(metrics["reward/mean"])
                 self.state.step += 1
                 self.state.global_step += 1
-                last = self.state.step == run.total_steps
+                last = self.state.step == run.total_steps or self.out_of_time(stage, started)
                 metrics |= self.maybe_evaluate(run, final=last)
                 if self.state.step % stage.train.log_every == 0 or last or "eval/accuracy" in metrics:
                     self.log.log({"stage": index, **metrics}, self.state.global_step)
                 self.maybe_save(run, final=last)
                 bar.update(metrics)
+                if last:
+                    break
         finally:
             if run.rollout is not None:
                 run.rollout.close()
         bar.close()
+        if rewards and acc.is_main_process:
+            print(reward_summary(stage.name, rewards, metrics.get("eval/accuracy")), flush=True)
         return metrics
+
+    def out_of_time(self, stage: StageConfig, started: float) -> bool:
+        """Whether the stage's `train.max_minutes` is spent; every process gets the slowest process's answer."""
+        if stage.train.max_minutes is None:
+            return False
+        spent = torch.tensor(time.perf_counter() - started, device=self.accelerator.device)
+        return bool(self.accelerator.reduce(spent, "max") > 60.0 * stage.train.max_minutes)
 
     # --------------------------------------------------------------------------------------------- setup
     def setup_stage(self, stage: StageConfig) -> StageRun:
@@ -478,6 +492,18 @@ def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
                    "linear": ("linear", {}), "constant": ("constant_with_warmup", {})}[s.name]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=extra)
+
+
+def reward_summary(stage: str, rewards: list[float], accuracy: float | None) -> str:
+    """One line at the end of an RL stage: the mean reward of its first and last tenth of steps.
+
+    >>> reward_summary("grpo", [0.1, 0.2, 0.3, 0.5], 0.75)
+    'stage grpo: reward/mean 0.100 (first 1 steps) -> 0.500 (last 1 steps) over 4 steps; eval/accuracy 0.750'
+    """
+    k = max(1, len(rewards) // 10)
+    line = (f"stage {stage}: reward/mean {sum(rewards[:k]) / k:.3f} (first {k} steps) -> "
+            f"{sum(rewards[-k:]) / k:.3f} (last {k} steps) over {len(rewards)} steps")
+    return line + (f"; eval/accuracy {accuracy:.3f}" if accuracy is not None else "")
 
 
 def train(recipe: Recipe, resume: str | None = None) -> dict:

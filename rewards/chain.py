@@ -30,36 +30,44 @@ def _chain(prompt, row: int) -> tuple[int, list[tuple[str, int]]]:
     return int(tokens[0]), [(tokens[i], int(tokens[i + 1])) for i in range(1, len(tokens), 2)]
 
 
-def _verified(completion: str, first: int, chain: list[tuple[str, int]], gold: str) -> bool:
+def _leading_correct(completion: str, first: int, chain: list[tuple[str, int]], gold: str) -> int:
+    """How many units of work are right before the first mistake: each of the chain's lines in order, then the final
+    `#### answer` (equal to the last line and to the gold answer). len(chain) + 1 means all of it."""
     work, _, _ = completion.partition("####")
     lines = [line for line in work.strip().splitlines() if line.strip()]
-    if len(lines) != len(chain):
-        return False
-    value = first
-    for line, (op, operand) in zip(lines, chain):
-        m = _LINE.match(line)
+    value, done = first, 0
+    for i, (op, operand) in enumerate(chain):
+        m = _LINE.match(lines[i]) if i < len(lines) else None
         if m is None or (int(m[1]), m[2], int(m[3])) != (value, op, operand):
-            return False
+            return done
         value = _OPS[op](value, operand)
         if int(m[4]) != value:
-            return False
-    return extract_final_answer(completion) == str(value) == str(gold).strip()
+            return done
+        done += 1
+    if len(lines) != len(chain):                               # extra lines before the answer
+        return done
+    return done + (extract_final_answer(completion) == str(value) == str(gold).strip())
 
 
 @register("steps")
-def steps(prompts, completions, answer, **columns) -> list[float]:
+def steps(prompts, completions, answer, partial: bool = False, **columns) -> list[float]:
     """1.0 when the completion writes each step of the question's chain, left to right, one `a<op>b=c` line each,
-    every line correct, and ends in `#### <answer>` equal to the gold answer; else 0.0.
+    every line correct, and ends in `#### <answer>` equal to the gold answer; else 0.0. With `partial=True`, the
+    fraction of the work right before the first mistake: k / (num_ops + 1) for k correct leading lines (+1 for the
+    final answer), a dense signal for chains longer than the policy was taught.
 
     >>> steps(["What is 3 + 2 - 9?"], ["3+2=5\\n5-9=-4\\n#### -4"], answer=["-4"])
     [1.0]
-    >>> steps(["What is 3 + 2 - 9?"], ["3+2=4\\n4-9=-4\\n#### -4"], answer=["-4"])   # right answer, wrong step
+    >>> steps(["What is 3 + 2 - 9?"], ["3+2=4\\n4-9=-5\\n#### -4"], answer=["-4"])   # right answer, wrong step
     [0.0]
     >>> steps(["What is 3 + 2 - 9?"], ["#### -4"], answer=["-4"])                    # no work shown
     [0.0]
+    >>> steps(["What is 3 + 2 - 9?"], ["3+2=5\\n#### 5"], answer=["-4"], partial=True)  # 1 of 3 units
+    [0.3333333333333333]
     """
     out = []
     for row, (prompt, completion, gold) in enumerate(zip(prompts, completions, answer, strict=True)):
         first, chain = _chain(prompt, row)
-        out.append(1.0 if _verified(completion_text(completion), first, chain, gold) else 0.0)
+        done = _leading_correct(completion_text(completion), first, chain, gold)
+        out.append(done / (len(chain) + 1) if partial else float(done == len(chain) + 1))
     return out

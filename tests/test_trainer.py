@@ -71,3 +71,16 @@ def test_tiny_end_to_end_learns(tiny_model_dir, tmp_path):
     rows = _step_rows(tmp_path / "e2e")
     assert rows[-1]["loss"] < 0.3 * rows[0]["loss"]
     assert result["eval/accuracy"] >= 0.9, result
+
+
+def test_max_minutes_ends_a_stage_early_and_the_next_one_runs(tiny_model_dir, tmp_path):
+    """A spent wall-time budget ends its stage after the step that spent it (its final checkpoint is written); the
+    following stage then runs its own steps."""
+    raw_stages = ('stages=[{name: capped, objectives: {sft: 1.0}, train: {steps: 1000, max_minutes: 1.0e-6}}, '
+                  '{name: after, objectives: {sft: 1.0}, train: {steps: 2}}]')
+    train(sft_recipe(tiny_model_dir, tmp_path, overrides=[raw_stages]))
+    rows = _step_rows(tmp_path)
+    assert [(r["stage"], r["step"]) for r in rows] == [(0, 1), (1, 2), (1, 3)]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step-000003"
+    with pytest.raises(Exception, match=r"max_minutes: must be > 0"):
+        sft_recipe(tiny_model_dir, tmp_path / "bad", overrides=["stages.0.train.max_minutes=0"])
