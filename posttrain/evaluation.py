@@ -1,30 +1,20 @@
 """Greedy accuracy of a model on held-out prompts, verified by a reward function."""
 from __future__ import annotations
 
-import torch
-
 from posttrain.data import Example
+from posttrain.rollout.base import SamplingConfig, encode_prompts
+from posttrain.rollout.hf import HFEngine, HFEngineConfig
 
 
-@torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy decoding with left padding and the KV cache; returns the completion texts."""
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    out: list[str] = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return out
+def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                       accelerator=None) -> list[str]:
+    """Greedy completion texts, decoded by the `hf` rollout engine (left padding, KV cache, the template's end of turn
+    as EOS). `model` may be wrapped (DDP, DeepSpeed); under ZeRO-3 the engine gathers the sharded weights, a
+    collective, so every process must call this, with any number of prompts (zero included)."""
+    engine = HFEngine(model, tokenizer, HFEngineConfig(batch_size=batch_size), accelerator=accelerator)
+    outs = engine.generate(encode_prompts(tokenizer, prompts),
+                           SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
+    return [o[0].text for o in outs]
 
 
 def score(reward_fn, examples: list[Example], completions: list[str], threshold: float) -> list[float]:

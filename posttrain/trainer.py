@@ -431,8 +431,8 @@ class Trainer:
         rows, columns = load_rows(cfg.data, f"stages.{self.state.stage}.eval.data")
         examples = to_examples(rows[: cfg.num_samples], columns, cfg.data, f"stages.{self.state.stage}.eval.data")
         mine = examples[acc.process_index :: acc.num_processes]
-        model = acc.unwrap_model(self.model)
-        completions = greedy_completions(model, self.tokenizer, [ex.prompt for ex in mine], cfg.max_new_tokens, cfg.batch_size)
+        completions = greedy_completions(self.model, self.tokenizer, [ex.prompt for ex in mine], cfg.max_new_tokens,
+                                         cfg.batch_size, acc)
         correct = score(rewards.get(cfg.reward), mine, completions, cfg.threshold) if mine else []
         counts = acc.reduce(torch.tensor([sum(correct), len(correct)], dtype=torch.float64, device=acc.device), "sum")
         return {"eval/accuracy": float(counts[0] / counts[1]), "eval/num_samples": int(counts[1])}

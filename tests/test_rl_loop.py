@@ -270,6 +270,9 @@ def _distributed_recipe(model_dir, out, reward: str) -> dict:
     raw = rl_raw(model_dir, out, reward, {"type": "grpo", "beta": 0.04}, steps=2,
                  rollout={"sampling": {"n": 4, "temperature": 1.0, "max_new_tokens": 10, "seed": 7}})
     raw["stages"][0]["train"]["micro_batch_size"] = 4
+    raw["eval"] = {"data": {"source": "task:arithmetic", "split": "test", "task": {"digits": 1, "num_ops": 1,
+                                                                                  "num_examples": 7}},
+                   "reward": "exact", "num_samples": 7, "max_new_tokens": 10}   # 4 + 3 prompts on 2 processes
     return raw
 
 
@@ -284,7 +287,7 @@ def single_process_run(tiny_model_dir, tmp_path_factory, toy):
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
 def test_grpo_two_processes_match_one(mode, single_process_run, tiny_model_dir, tmp_path, toy):
     """2 real CPU processes over gloo (DDP, DeepSpeed ZeRO-2, ZeRO-3: generation gathers the shards, the reference is
-    gathered once) give the same two steps as 1 process with the same global batch."""
+    gathered once) give the same two steps and the same final evaluation as 1 process with the same global batch."""
     if mode != "ddp":
         pytest.importorskip("deepspeed")
     rows = launch(tmp_path, mode, _distributed_recipe(tiny_model_dir, tmp_path / "run", toy("digits")), mode)
@@ -298,6 +301,9 @@ def test_grpo_two_processes_match_one(mode, single_process_run, tiny_model_dir, 
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
         assert a["entropy"] == pytest.approx(b["entropy"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["grad_norm"] > 0
+    # the final greedy evaluation (under ZeRO-3 the engine gathers the shards on both processes) scores all 7 prompts
+    assert single_process_run[-1]["eval/num_samples"] == double[-1]["eval/num_samples"] == 7
+    assert single_process_run[-1]["eval/accuracy"] == double[-1]["eval/accuracy"]
 
 
 DEEPSPEED_CONFIG = """compute_environment: LOCAL_MACHINE

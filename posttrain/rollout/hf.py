@@ -88,10 +88,10 @@ class HFEngine:
         sampling.check()
         contexts = prompt_contexts(prompts, prefixes)
         results: list[list[Completion]] = [[] for _ in prompts]
-        if not prompts:
-            return results
         weights = _generation_module(self.model, self.accelerator, self.config.zero3_gather)
-        with torch.no_grad(), weights as (module, synced):
+        with torch.no_grad(), weights as (module, synced):   # under ZeRO-3 a collective: every process enters
+            if not prompts:
+                return results
             device = self.accelerator.device if self.accelerator is not None else next(module.parameters()).device
             generator = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
             with _eval_mode(module), _blank_generation_config(module):
