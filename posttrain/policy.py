@@ -15,7 +15,7 @@ from posttrain.ops.logprobs import selective_log_softmax
 @dataclass
 class PolicyOutput:
     logits: Tensor    # [B, L, V] logits at each position for the token it predicts, divided by the temperature
-                      # (model dtype; a view when the temperature is 1)
+                      # (model dtype; only positions 0..T-2 are projected)
     logprobs: Tensor | None  # [B, L] float32 log pi_T(target_t | s_t) = log softmax(z / T)[target_t]
     values: Tensor | None = None  # [B, L] float32 V(s_t), when the model has a value head (rl/value_head.py; PPO)
 
