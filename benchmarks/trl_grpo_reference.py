@@ -20,16 +20,14 @@ sys.path.insert(0, str(REPO))
 
 
 def greedy_accuracy(model, tokenizer, num_ops: int, n: int = 500) -> float:
-    from posttrain.rollout.base import SamplingConfig, encode_prompts
-    from posttrain.rollout.hf import HFEngine, HFEngineConfig
+    """What `posttrain eval` reports: greedy decoding (posttrain.evaluation) scored by the `exact` reward."""
+    from posttrain.evaluation import greedy_completions
     from posttrain.tasks.arithmetic import ArithmeticConfig, generate
     from rewards import exact
 
     rows = generate(ArithmeticConfig(digits=1, num_ops=num_ops, ops="+-", num_examples=n, split="test"))
     convs = [[{"role": "user", "content": r["question"]}] for r in rows]
-    outs = HFEngine(model, tokenizer, HFEngineConfig(batch_size=250)).generate(
-        encode_prompts(tokenizer, convs), SamplingConfig(n=1, temperature=0.0, max_new_tokens=32))
-    scores = exact(convs, [o[0].text for o in outs], answer=[r["answer"] for r in rows])
+    scores = exact(convs, greedy_completions(model, tokenizer, convs, 32, 250), answer=[r["answer"] for r in rows])
     return sum(scores) / len(scores)
 
 

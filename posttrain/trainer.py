@@ -20,6 +20,7 @@ objective's metrics keep their own names (kl, entropy, clip_ratio/low, ...); els
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -91,6 +92,11 @@ class StageRun:
     ref: torch.nn.Module | None
     data_stats: dict
     temperature: float = 1.0    # policy log-probs are log softmax(z / T): the rollout's sampling temperature
+
+    @functools.cached_property
+    def needs(self) -> frozenset[str]:
+        """What the stage's objectives need from the trainer (the union of their `needs`)."""
+        return frozenset().union(*(o.needs for o in self.objectives.values()))
 
     @property
     def rollout(self) -> RolloutBuilder | None:
@@ -347,11 +353,10 @@ class Trainer:
     def micro_loss(self, run: StageRun, mb: Experience, norm: Normalizer) -> tuple[torch.Tensor, dict]:
         """sum_k w_k * aggregate_k(loss_k) on one micro-batch, plus detached per-objective parts."""
         if run.ref is not None and run.rollout is None:   # rollouts carry ref_logprobs from collection
-            needs = set().union(*(o.needs for o in run.objectives.values()))
             with torch.no_grad():
-                ref_out = forward(run.ref, mb, logprobs="reference" in needs)
+                ref_out = forward(run.ref, mb, logprobs="reference" in run.needs)
             mb.ref_logprobs = ref_out.logprobs
-            mb.ref_logits = ref_out.logits if "ref_logits" in needs else None
+            mb.ref_logits = ref_out.logits if "ref_logits" in run.needs else None
         out = forward(self.model, mb, run.temperature)
         mask = mb.target_mask                                            # [B, L]
         share = mask.sum() / max(norm.tokens, 1.0)                       # this micro-batch's share of the tokens

@@ -175,7 +175,7 @@ class VLLMEngine:
         if not contexts:
             return []
         self._wake()
-        base_seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        base_seed = first_request_seed(sampling)
         params = [vllm_sampling_params(sampling, self.eos_ids, seed=base_seed + i * sampling.n)
                   for i in range(len(contexts))]
         with _rng_kept(self.in_process):   # in-process vLLM on CPU draws from torch's global RNG at every step
@@ -417,6 +417,12 @@ def iter_weights(entries: list[WeightEntry]) -> Iterator[tuple[str, Tensor]]:
             tensor = entry.value().clone()
         yield entry.name, tensor
 
+
+
+def first_request_seed(sampling: SamplingConfig) -> int:
+    """Seed of request 0: the recipe's `sampling.seed`, else a draw from torch's RNG stream (checkpointed, so exact on
+    resume). Request i uses seed + i * n, so no two completions of a call share a stream."""
+    return sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 def vllm_sampling_params(sampling: SamplingConfig, eos_ids: list[int], seed: int):

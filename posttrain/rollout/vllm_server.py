@@ -38,7 +38,7 @@ import torch
 from posttrain.configlib import build, field_doc, require
 from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
 from posttrain.rollout.vllm_engine import (
-    completion_logprobs, eos_token_ids, import_vllm, iter_weights, weight_entries,
+    completion_logprobs, eos_token_ids, first_request_seed, import_vllm, iter_weights, weight_entries,
 )
 
 
@@ -98,7 +98,7 @@ class VLLMServerEngine:
         contexts = prompt_contexts(prompts, prefixes)
         if not contexts:
             return []
-        base_seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        base_seed = first_request_seed(sampling)
         workers = min(self.config.max_concurrent_requests, len(contexts))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             replies = list(pool.map(lambda i: self._request(contexts[i], sampling, base_seed + i * sampling.n),
