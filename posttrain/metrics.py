@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -33,16 +34,22 @@ def _plain(v):
 
 
 class Progress:
-    """A tqdm bar over a stage's steps showing loss, tokens/s and the mean reward of RL stages (tqdm adds the ETA)."""
+    """A tqdm bar over a stage's steps showing loss, tokens/s, held-out accuracy when evaluated and, in RL stages,
+    `reward(10)`: the mean reward of the last 10 steps (one step's mean over a few prompts is too noisy to read a
+    trend from). tqdm adds the ETA."""
+
+    window = 10
 
     def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.rewards: deque[float] = deque(maxlen=self.window)
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
                         bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
 
     def update(self, metrics: dict) -> None:
         shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}", "tok/s": f"{metrics.get('tokens_per_s', 0):.0f}"}
         if "reward/mean" in metrics:
-            shown["reward"] = f"{metrics['reward/mean']:.3f}"
+            self.rewards.append(metrics["reward/mean"])
+            shown[f"reward({self.window})"] = f"{sum(self.rewards) / len(self.rewards):.3f}"
         if "eval/accuracy" in metrics:
             shown["acc"] = f"{metrics['eval/accuracy']:.3f}"
         self.bar.set_postfix(shown, refresh=False)

@@ -39,7 +39,8 @@ def test_config_show_prints_the_resolved_recipe(capsys):
     assert main(["config", "show", str(REPO / "recipes/quickstart.yaml"), "optim.lr=1e-4"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["stages"][0]["optim"]["lr"] == 1e-4
-    assert shown["stages"][0]["schedule"]["name"] == "cosine"
+    assert shown["stages"][0]["schedule"]["name"] == "constant"
+    assert shown["stages"][1]["optim"]["lr"] == 3e-4       # a stage's own setting wins over the top-level default
 
 
 def test_bad_override_is_a_clean_error():

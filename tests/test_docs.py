@@ -30,3 +30,15 @@ def test_ci_runs_the_readme_test_command():
 def test_every_recipe_parses(path):
     recipe = load_recipe(REPO / path)
     assert recipe.stages
+
+
+def test_readme_recipe_anatomy_is_a_valid_recipe():
+    import yaml
+
+    from posttrain.config import parse_recipe
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"^## Recipe anatomy\n.*?^```yaml\n(.*?)^```", text, re.S | re.M)
+    assert block, "README has no ```yaml block under '## Recipe anatomy'"
+    recipe = parse_recipe(yaml.safe_load(block.group(1)), "README.md")
+    assert [s.name for s in recipe.stages] == ["sft", "grpo"]
