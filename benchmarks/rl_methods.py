@@ -35,18 +35,18 @@ def method_recipe(method: str, ckpt: str, out: Path, args):
 
     task = {"digits": 1, "num_ops": args.num_ops, "ops": "+-"}
     base = "grpo" if method == "sft" else method
+    reward = "exact" if args.reward == "recipe" else args.reward
     overrides = [
         f"output_dir={out / method}", f"model.path={ckpt}", "logging.report_to=[]", "logging.progress_bar=false",
         f"data.task={json.dumps(task | {'num_examples': 20000})}",
         f"eval.data.task={json.dumps(task | {'num_examples': 500})}", "eval.max_new_tokens=32",
-        f"eval.reward={'exact' if args.reward == 'recipe' else args.reward}",
+        f"eval.reward={reward}",
         "rollout.sampling.max_new_tokens=32", "stages=[]",
     ]
-    first = "exact" if args.reward == "recipe" else args.reward
     if method == "dapo":    # the soft overlong punishment scaled to the 32-token budget: 0 up to 28 tokens, -1 at 32
-        overrides.insert(0, f'rewards=[{{name: {first}}}, {{name: overlong, kwargs: {{max_length: 32, cache_length: 4}}}}]')
+        overrides.insert(0, f'rewards=[{{name: {reward}}}, {{name: overlong, kwargs: {{max_length: 32, cache_length: 4}}}}]')
     elif args.reward != "recipe":
-        overrides.insert(0, f"rewards=[{{name: {first}}}]")
+        overrides.insert(0, f"rewards=[{{name: {reward}}}]")
     recipe = load_recipe(REPO / "recipes/tiny" / f"{base}.yaml", overrides[:-1])
     rl = recipe.stages[1]
     name, objective = ("sft", "sft") if method == "sft" else (rl.name, next(iter(rl.objectives)))
@@ -62,7 +62,8 @@ def accuracy(ckpt: str, num_ops: int, reward: str) -> float:
 
     out = subprocess.run([sys.executable, "-m", "posttrain.cli", "eval", ckpt, "task:arithmetic", "num_samples=500",
                           "max_new_tokens=32", "data.task.digits=1", f"data.task.num_ops={num_ops}",
-                          "data.task.ops=+-", f"reward={'exact' if reward == 'recipe' else reward}"], capture_output=True, text=True, check=True)
+                          "data.task.ops=+-", f"reward={'exact' if reward == 'recipe' else reward}"],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["eval/accuracy"]
 
 

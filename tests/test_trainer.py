@@ -84,3 +84,21 @@ def test_max_minutes_ends_a_stage_early_and_the_next_one_runs(tiny_model_dir, tm
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step-000003"
     with pytest.raises(Exception, match=r"max_minutes: must be > 0"):
         sft_recipe(tiny_model_dir, tmp_path / "bad", overrides=["stages.0.train.max_minutes=0"])
+
+
+def test_progress_bar_shows_the_mean_reward_of_the_last_ten_steps():
+    from posttrain.metrics import Progress
+
+    bar = Progress(False, total=20, initial=0, desc="grpo")
+    for step in range(12):
+        bar.update({"loss": 0.0, "reward/mean": float(step)})
+    assert bar.bar.postfix.endswith("reward(10)=6.500")          # mean of steps 2..11
+    bar.update({"loss": 0.0, "eval/accuracy": 0.5})               # a row without a reward shows none
+    assert "reward" not in bar.bar.postfix and "acc=0.500" in bar.bar.postfix
+
+
+def test_reward_summary_line():
+    from posttrain.trainer import reward_summary
+
+    line = reward_summary("grpo", [0.0] * 15 + [0.5] * 120 + [0.3] * 15, 0.426)
+    assert line == "stage grpo: reward/mean 0.000 (first 15 steps) -> 0.300 (last 15 steps) over 150 steps; eval/accuracy 0.426"
