@@ -40,8 +40,6 @@ def held_out_accuracy(model, tokenizer, num_ops: int, n: int) -> float:
 
 def grpo_gradient(ckpt: str, num_ops: int):
     """The model, its tokenizer and the gradient of one quickstart-style GRPO batch (per parameter name)."""
-    import torch
-
     from posttrain.config import load_recipe
     from posttrain.objectives.aggregation import aggregate
     from posttrain.policy import forward
@@ -61,7 +59,7 @@ def grpo_gradient(ckpt: str, num_ops: int):
     aggregate(per_token, batch.target_mask, "seq_mean_token_mean").backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.eval()
-    return model, trainer.tokenizer, grads, torch
+    return model, trainer.tokenizer, grads
 
 
 def main() -> None:
@@ -71,8 +69,10 @@ def main() -> None:
     p.add_argument("--num-ops", type=int, default=3)
     p.add_argument("--problems", type=int, default=200)
     args = p.parse_args()
+    import torch
+
     for ckpt in args.ckpts:
-        model, tok, grads, torch = grpo_gradient(ckpt, args.num_ops)
+        model, tok, grads = grpo_gradient(ckpt, args.num_ops)
         report = {"ckpt": ckpt, "accuracy": held_out_accuracy(model, tok, args.num_ops, args.problems), "steps": {}}
         noise = torch.Generator().manual_seed(0)
         for size in map(float, args.sizes.split(",")):
