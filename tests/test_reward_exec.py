@@ -5,12 +5,11 @@ import asyncio
 import math
 import os
 import textwrap
-import threading
 import time
 
 import pytest
 
-from posttrain.configlib import ConfigError, build
+from posttrain.configlib import ConfigError
 from posttrain.rewarding import (Reward, RewardError, RewardSpec, build_reward_specs, combine, load_rewards,
                                  reward_metrics, score_batch)
 
@@ -21,8 +20,6 @@ COLUMNS = {"answer": ["1", "2", "0", "0"]}
 
 def make(fn, **spec) -> Reward:
     """A Reward around an in-test function (bypassing the name lookup), as load_rewards would build it."""
-    import inspect
-
     from posttrain.rewarding import _check_settings, _executor
 
     s = RewardSpec(name=spec.pop("name", fn.__name__), **spec)

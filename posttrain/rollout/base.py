@@ -7,7 +7,7 @@ the prefix is part of the prompt for the engine and is *not* repeated in the com
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from posttrain.configlib import field_doc, require
