@@ -27,15 +27,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def held_out_accuracy(model, tokenizer, num_ops: int, n: int) -> float:
-    from posttrain.evaluation import greedy_completions
-    from posttrain.tasks.arithmetic import ArithmeticConfig, generate
-    from rewards.chain import steps
+def held_out(num_ops: int, n: int):
+    """The evaluation settings and examples: n held-out chains, greedy, verified by the `steps` reward."""
+    from posttrain.config import EvalConfig
+    from posttrain.configlib import build
+    from posttrain.evaluation import held_out_examples
 
-    rows = generate(ArithmeticConfig(digits=1, num_ops=num_ops, ops="+-", num_examples=n, split="test"))
-    convs = [[{"role": "user", "content": r["question"]}] for r in rows]
-    scores = steps(convs, greedy_completions(model, tokenizer, convs, 32, n), answer=[r["answer"] for r in rows])
-    return sum(scores) / len(scores)
+    task = {"digits": 1, "num_ops": num_ops, "ops": "+-", "num_examples": n}
+    cfg = build(EvalConfig, {"data": {"source": "task:arithmetic", "split": "test", "task": task}, "reward": "steps",
+                             "num_samples": n, "max_new_tokens": 32, "batch_size": n}, "", "benchmark")
+    return cfg, held_out_examples(cfg, "data")
+
+
+def accuracy(model, tokenizer, cfg, examples) -> float:
+    from posttrain.evaluation import greedy_verdicts
+
+    _, correct = greedy_verdicts(model, tokenizer, cfg, examples)
+    return sum(correct) / len(correct)
 
 
 def grpo_gradient(ckpt: str, num_ops: int):
@@ -71,9 +79,10 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
+    cfg, examples = held_out(args.num_ops, args.problems)
     for ckpt in args.ckpts:
         model, tok, grads = grpo_gradient(ckpt, args.num_ops)
-        report = {"ckpt": ckpt, "accuracy": held_out_accuracy(model, tok, args.num_ops, args.problems), "steps": {}}
+        report = {"ckpt": ckpt, "accuracy": accuracy(model, tok, cfg, examples), "steps": {}}
         noise = torch.Generator().manual_seed(0)
         for size in map(float, args.sizes.split(",")):
             for label in ("update", "reverse", "random"):
@@ -85,7 +94,7 @@ def main() -> None:
                         direction = {"update": -torch.sign(grads[name]), "reverse": torch.sign(grads[name]),
                                      "random": torch.sign(torch.randn(w.shape, generator=noise))}[label]
                         w.add_(size * direction)
-                report["steps"][f"{label}@{size:g}"] = held_out_accuracy(moved, tok, args.num_ops, args.problems)
+                report["steps"][f"{label}@{size:g}"] = accuracy(moved, tok, cfg, examples)
         print(json.dumps(report), flush=True)
 
 

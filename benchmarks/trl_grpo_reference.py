@@ -20,15 +20,16 @@ sys.path.insert(0, str(REPO))
 
 
 def greedy_accuracy(model, tokenizer, num_ops: int, n: int = 500) -> float:
-    """What `posttrain eval` reports: greedy decoding (posttrain.evaluation) scored by the `exact` reward."""
-    from posttrain.evaluation import greedy_completions
-    from posttrain.tasks.arithmetic import ArithmeticConfig, generate
-    from rewards import exact
+    """What `posttrain eval` reports (posttrain.evaluation): greedy decoding scored by the `exact` reward."""
+    from posttrain.config import EvalConfig
+    from posttrain.configlib import build
+    from posttrain.evaluation import greedy_verdicts, held_out_examples
 
-    rows = generate(ArithmeticConfig(digits=1, num_ops=num_ops, ops="+-", num_examples=n, split="test"))
-    convs = [[{"role": "user", "content": r["question"]}] for r in rows]
-    scores = exact(convs, greedy_completions(model, tokenizer, convs, 32, 250), answer=[r["answer"] for r in rows])
-    return sum(scores) / len(scores)
+    task = {"digits": 1, "num_ops": num_ops, "ops": "+-", "num_examples": n}
+    cfg = build(EvalConfig, {"data": {"source": "task:arithmetic", "split": "test", "task": task}, "reward": "exact",
+                             "num_samples": n, "max_new_tokens": 32, "batch_size": 250}, "", "benchmark")
+    _, correct = greedy_verdicts(model, tokenizer, cfg, held_out_examples(cfg, "data"))
+    return sum(correct) / len(correct)
 
 
 def main() -> None:

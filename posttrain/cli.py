@@ -114,21 +114,17 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import rewards
     from posttrain.config import EvalConfig
     from posttrain.configlib import apply_overrides, build
-    from posttrain.data import load_rows, to_examples
-    from posttrain.evaluation import greedy_completions, score
+    from posttrain.evaluation import greedy_verdicts, held_out_examples
     from posttrain.models import ModelConfig, load_model, load_tokenizer
 
     raw = apply_overrides({"data": {"source": args.data, "split": "test"}}, args.overrides, "eval")
     cfg = build(EvalConfig, raw, "", "eval")
     model_cfg = ModelConfig(path=args.model)
     tokenizer, model = load_tokenizer(args.model, model_cfg), load_model(args.model, model_cfg)
-    rows, columns = load_rows(cfg.data, "data")
-    examples = to_examples(rows[: cfg.num_samples], columns, cfg.data, "data")
-    completions = greedy_completions(model, tokenizer, [ex.prompt for ex in examples], cfg.max_new_tokens, cfg.batch_size)
-    correct = score(rewards.get(cfg.reward), examples, completions, cfg.threshold)
+    examples = held_out_examples(cfg, "data")
+    completions, correct = greedy_verdicts(model, tokenizer, cfg, examples)
     if args.output:
         with open(args.output, "w") as f:
             for ex, c, ok in zip(examples, completions, correct):

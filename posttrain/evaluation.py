@@ -1,9 +1,36 @@
-"""Greedy accuracy of a model on held-out prompts, verified by a reward function."""
+"""Greedy accuracy of a model on held-out prompts, verified by a reward function: the one path behind the trainer's
+evaluations, `posttrain eval` and the benchmarks.
+
+    held_out_examples(cfg)                        the first cfg.num_samples rows of cfg.data, as Examples
+    greedy_verdicts(model, tok, cfg, examples)    greedy completions and their 1.0 / 0.0 verdicts by cfg.reward
+"""
 from __future__ import annotations
 
-from posttrain.data import Example
+from typing import TYPE_CHECKING
+
+from posttrain.data import Example, load_rows, to_examples
 from posttrain.rollout.base import SamplingConfig, encode_prompts
 from posttrain.rollout.hf import HFEngine, HFEngineConfig
+
+if TYPE_CHECKING:
+    from posttrain.config import EvalConfig
+
+
+def held_out_examples(cfg: EvalConfig, where: str) -> list[Example]:
+    """The first `cfg.num_samples` examples of `cfg.data`; `where` is the data's key path, named in errors."""
+    rows, columns = load_rows(cfg.data, where)
+    return to_examples(rows[: cfg.num_samples], columns, cfg.data, where)
+
+
+def greedy_verdicts(model, tokenizer, cfg: EvalConfig, examples: list[Example],
+                    accelerator=None) -> tuple[list[str], list[float]]:
+    """Greedy completions of `examples` (see greedy_completions; under ZeRO-3 every process must call this) and
+    their verdicts: 1.0 where the reward `cfg.reward` is >= `cfg.threshold`, else 0.0."""
+    import rewards
+
+    completions = greedy_completions(model, tokenizer, [ex.prompt for ex in examples], cfg.max_new_tokens,
+                                     cfg.batch_size, accelerator)
+    return completions, score(rewards.get(cfg.reward), examples, completions, cfg.threshold) if examples else []
 
 
 def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,

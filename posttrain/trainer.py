@@ -34,7 +34,7 @@ from posttrain import checkpoint as ckpt
 from posttrain.config import Recipe, StageConfig
 from posttrain.configlib import ConfigError
 from posttrain.data import EpochSampler, Tokenized, collate_demos, load_rows, to_examples, tokenize_demos
-from posttrain.evaluation import greedy_completions, score
+from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
 from posttrain.metrics import MetricsLog, Progress
 from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
@@ -430,15 +430,10 @@ class Trainer:
 
     def evaluate(self, stage: StageConfig) -> dict:
         """Greedy accuracy on the stage's held-out data, each process scoring its share."""
-        import rewards
-
         acc, cfg = self.accelerator, stage.eval
-        rows, columns = load_rows(cfg.data, f"stages.{self.state.stage}.eval.data")
-        examples = to_examples(rows[: cfg.num_samples], columns, cfg.data, f"stages.{self.state.stage}.eval.data")
-        mine = examples[acc.process_index :: acc.num_processes]
-        completions = greedy_completions(self.model, self.tokenizer, [ex.prompt for ex in mine], cfg.max_new_tokens,
-                                         cfg.batch_size, acc)
-        correct = score(rewards.get(cfg.reward), mine, completions, cfg.threshold) if mine else []
+        examples = held_out_examples(cfg, f"stages.{self.state.stage}.eval.data")
+        _, correct = greedy_verdicts(self.model, self.tokenizer, cfg, examples[acc.process_index :: acc.num_processes],
+                                     acc)
         counts = acc.reduce(torch.tensor([sum(correct), len(correct)], dtype=torch.float64, device=acc.device), "sum")
         return {"eval/accuracy": float(counts[0] / counts[1]), "eval/num_samples": int(counts[1])}
 

@@ -7,13 +7,12 @@ verifies the work line by line against the question instead.
 """
 from __future__ import annotations
 
-import operator
 import re
 
+from posttrain.tasks.arithmetic import OPERATORS
 from rewards.answers import completion_text, extract_final_answer
 from rewards.registry import register
 
-_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 _QUESTION = re.compile(r"(\d+(?:\s*[-+*]\s*\d+)+)\s*\?")
 _LINE = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 
@@ -40,7 +39,7 @@ def _leading_correct(completion: str, first: int, chain: list[tuple[str, int]], 
         m = _LINE.match(lines[i]) if i < len(lines) else None
         if m is None or (int(m[1]), m[2], int(m[3])) != (value, op, operand):
             return done
-        value = _OPS[op](value, operand)
+        value = OPERATORS[op](value, operand)
         if int(m[4]) != value:
             return done
         done += 1
