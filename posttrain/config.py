@@ -16,12 +16,14 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from posttrain.configlib import ConfigError, apply_overrides, build, deep_merge, field_doc, load_yaml, require, to_dict
 from posttrain.data import DataConfig
+from posttrain.mixers import MIXERS, MixerConfig
 from posttrain.models import ModelConfig
 from posttrain.objectives import OBJECTIVES, ObjectiveConfig, build_objective
 from posttrain.rewarding import RewardSpec, build_reward_specs
@@ -130,6 +132,11 @@ class StageConfig:
     eval: EvalConfig = field_doc(factory=EvalConfig, doc="evaluation")
     rollout: RolloutConfig = field_doc(factory=RolloutConfig, doc="sampling and updates (stages with an RL objective)")
     rewards: list[RewardSpec] = field_doc(factory=list, doc="reward functions (stages with an RL objective)")
+    mixer: MixerConfig = field_doc(factory=lambda: MIXERS.get("constant").config_cls(),
+                                   doc="who sets the objectives' weights step by step: {name: constant} (the "
+                                       "weights above, the default), {name: chord, mu: ...}, ... (posttrain list)")
+    demo_data: DataConfig | None = field_doc(None, "demonstrations for the stage's demonstration objectives when they "
+                                                   "differ from `data` (CHORD's separate expert set; null = `data`)")
 
     def check(self) -> None:
         require(bool(self.objectives), "objectives", "a stage needs at least one objective")
@@ -209,28 +216,51 @@ def _build_stage(i: int, stage: Any, raw: dict, objectives: dict, source: str) -
     for key, cls in _SECTION_TYPES.items():  # report a section's errors where it is written: stage or top level
         if isinstance(merged.get(key), dict) and (key != "data" or "source" in merged[key]):
             build(cls, merged[key], f"stages.{i}.{key}" if key in stage else key, source)
-    cfg = build(StageConfig, merged, f"stages.{i}", source)
+    mixer = _build_mixer(i, stage.get("mixer"), source)
+    cfg = build(StageConfig, {**merged, "mixer": None}, f"stages.{i}", source)
+    cfg = dataclasses.replace(cfg, mixer=mixer)
     for name, weight in cfg.objectives.items():
         if name not in objectives:
             raise ConfigError(f"{source}: stages.{i}.objectives.{name}: not defined under `objectives:`; "
                               f"defined: {', '.join(sorted(objectives)) or '(none)'}")
         if weight < 0:
             raise ConfigError(f"{source}: stages.{i}.objectives.{name}: weight must be >= 0, got {weight}")
+    for name in cfg.mixer.objective_names():
+        if name not in cfg.objectives:
+            raise ConfigError(f"{source}: stages.{i}.mixer: names objective {name!r}, which is not in the stage's "
+                              f"objectives ({', '.join(cfg.objectives)})")
     _check_rollout_stage(i, cfg, objectives, source)
     return cfg
 
 
+def _build_mixer(i: int, raw: Any, source: str) -> MixerConfig:
+    """The stage's typed mixer config (`name` picks the registered mixer; default constant)."""
+    spec = {"name": "constant"} if raw is None else raw
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: stages.{i}.mixer: expected a mapping such as {{name: chord}}, got {spec!r}")
+    spec = {"name": "constant", **spec}
+    if spec["name"] not in MIXERS:
+        raise ConfigError(f"{source}: stages.{i}.mixer.name: unknown mixer {spec['name']!r}; registered: "
+                          f"{', '.join(MIXERS.names())}")
+    return build(MIXERS.get(spec["name"]).config_cls, spec, f"stages.{i}.mixer", source)
+
+
 def _check_rollout_stage(i: int, cfg: StageConfig, objectives: dict, source: str) -> None:
-    """A stage with an objective that learns from rollouts has rewards and no other objective (for now)."""
-    rl = [name for name in cfg.objectives if "rollouts" in build_objective(objectives[name]).needs]
+    """A stage whose objectives learn from rollouts has rewards, and its rollout objectives agree on one plan."""
+    rl = {name: build_objective(objectives[name]) for name in cfg.objectives}
+    rl = {name: o for name, o in rl.items() if o.source == "rollouts"}
     if not rl:
         return
-    if len(cfg.objectives) > 1:
-        raise ConfigError(f"{source}: stages.{i}.objectives: {rl[0]!r} learns from rollouts and cannot share a stage "
-                          f"with {', '.join(sorted(set(cfg.objectives) - {rl[0]}))!r} yet; give each its own stage")
+    first = next(iter(rl))
     if not cfg.rewards:
-        raise ConfigError(f"{source}: stages.{i}.rewards: objective {rl[0]!r} learns from rollouts and needs rewards: "
+        raise ConfigError(f"{source}: stages.{i}.rewards: objective {first!r} learns from rollouts and needs rewards: "
                           "give `rewards:` at the top level or in the stage, e.g. [{name: gsm8k}]")
+    plans = {name: o.rollout_plan() for name, o in rl.items()}
+    for name, plan in plans.items():
+        if plan != plans[first]:
+            raise ConfigError(f"{source}: stages.{i}.objectives: {first!r} and {name!r} both learn from rollouts but ask "
+                              "for different rollouts (advantages, KL placement, sampling or demonstrations in the "
+                              "groups); give them one rollout plan or separate stages")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -153,13 +153,9 @@ def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: s
         if ex.completion is None:
             raise ConfigError(f"{where}: row {i} of {cfg.source!r} has no completion; a demonstration objective needs "
                              "the role 'completion' (or a final assistant message) mapped to a column")
-        prompt_text = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=False)
-        full_text = tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=False)
-        if not full_text.startswith(prompt_text):
-            raise ConfigError(f"{where}: row {i}: the chat template renders the conversation so that it does not start "
-                             "with the rendered prompt; cannot separate prompt from completion")
+        prompt_text, completion_text = render_demo(tokenizer, ex.prompt, ex.completion, f"{where}: row {i}")
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        ids = prompt_ids + tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + tokenizer(completion_text, add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_length:
             if cfg.overlong == "drop" or len(prompt_ids) >= cfg.max_length:
                 stats.dropped_overlong += 1
@@ -170,6 +166,28 @@ def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: s
     if not out:
         raise ConfigError(f"{where}: every example of {cfg.source!r} is longer than max_length={cfg.max_length} and was dropped")
     return out, stats
+
+
+def render_demo(tokenizer, prompt: list[dict], completion: str, where: str) -> tuple[str, str]:
+    """(prompt text ending in the generation prompt, the completion text after it, end of turn included), split by
+    rendering the prompt and the whole conversation with the chat template."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ConfigError(f"{where}: the chat template renders the conversation so that it does not start with the "
+                          "rendered prompt; cannot separate prompt from completion")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def demo_completion_ids(tokenizer, prompt: list[dict], completion: str | None) -> list[int] | None:
+    """The demonstration's response tokens as the policy would write them: the chat template's completion, cut after
+    its first end-of-turn (EOS) token, which is where generation stops. None when there is no demonstration."""
+    if completion is None:
+        return None
+    _, text = render_demo(tokenizer, prompt, completion, "demonstration")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else ids + ([eos] if eos is not None else [])
 
 
 def collate_demos(items: list[Tokenized], pad_id: int) -> Experience:

@@ -1,21 +1,26 @@
-"""The training loop: stages of weighted objectives over experience, on accelerate. Read top to bottom.
+"""The training loop: stages of mixed objectives over experience, on accelerate. Read top to bottom.
 
-    for stage in recipe.stages:
-        objectives, builder, optimizer, schedule  <- the stage's config
+    for stage in recipe.stages:                          (data loaded and checked for every stage before the model)
+        objectives, mixer, sources (demonstrations, rollouts), optimizer, schedule  <- the stage's config
         for step in stage:
-            demonstrations:  optimize(this process's share of global batch `step`)
-            rollouts:        batch = RolloutBuilder.collect()   (generate, reward, advantages; rl/builder.py)
-                             for pass in num_iterations: for mini in batch: optimize(mini); engine.sync_weights
-            log, evaluate, checkpoint
+            weights = mixer.plan(step)                   objective -> weight; a source no weighted objective reads
+                                                         this step is not built (no generation on an SFT-only step)
+            demos   = DemoBuilder.next_batch()           (sources/demos.py)
+            rollouts = RolloutBuilder.collect()          (generate, reward, advantages; sources/rollouts.py)
+            for pass in num_iterations: for mini in mini-batches: optimize({source: mini})
+            mixer.observe(step, metrics); log, evaluate, checkpoint
 
-    optimize(batch):
-        norm = global token / sequence counts of the whole batch (all micro-batches, all processes)
-        for micro in batch:  loss = sum_k w_k * aggregate_k(objective_k(policy(micro)), norm); backward
+    optimize({source: batch}):
+        norms = global token / sequence counts per (source, term tokens), over all micro-batches and processes
+        for source in (demos, rollouts): for micro in batch[source]:
+            out = policy(micro) at the source's temperature (1 for demonstrations, the sampling T for rollouts)
+            loss = sum_k w_k sum_terms aggregate(objective_k(out)[term], that term's tokens, norms); backward
         clip, optimizer.step, scheduler.step
 
 Metrics: objective metrics are token means (weighted by each micro-batch's share of the step's tokens, so their sum
-is the exact global mean), except names ending in /min or /max, reduced by min / max. In an RL stage the policy
-objective's metrics keep their own names (kl, entropy, clip_ratio/low, ...); elsewhere they are `<objective>/<name>`.
+is the exact global mean), except names ending in /min or /max, reduced by min / max. A rollout objective's metrics
+keep their own names (kl, entropy, clip_ratio/low, ...); a demonstration objective's are `<objective>/<name>`.
+`loss/<objective>` is each objective's aggregated loss (unweighted), `mix/<objective>` its weight this step.
 """
 from __future__ import annotations
 
@@ -32,20 +37,21 @@ import torch
 
 from posttrain import checkpoint as ckpt
 from posttrain.config import Recipe, StageConfig
-from posttrain.configlib import ConfigError
-from posttrain.data import EpochSampler, Tokenized, collate_demos, load_rows, to_examples, tokenize_demos
 from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
 from posttrain.metrics import MetricsLog, Progress
+from posttrain.mixers import Mixer, build_mixer
 from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
-from posttrain.objectives import Normalizer, aggregate, build_objective
+from posttrain.objectives import Normalizer, aggregate
 from posttrain.policy import forward
 from posttrain.rewarding import load_rewards
-from posttrain.rl.builder import RLPlan, RolloutBuilder, check_world, rollout_prompts
 from posttrain.rl.value_head import ValueHeadModel
 from posttrain.rollout import ENGINES
+from posttrain.sources import DemoBuilder, RolloutBuilder
+from posttrain.sources.prepare import StageData, prepare_stage
 
 METRIC_NAMES = {"pg_loss": "loss/policy", "vf_loss": "loss/value"}   # objective metric -> the name users know
+SOURCES = ("demos", "rollouts")   # the order micro-batches run in within an optimizer step
 
 
 def reduction(name: str) -> str:
@@ -64,43 +70,36 @@ def make_accelerator(recipe: Recipe, mixed_precision: str = "no"):
                        mixed_precision=mixed_precision, kwargs_handlers=handlers)
 
 
-class DemoBuilder:
-    """Demonstration batches: global batch `step` of a seeded per-epoch order, this process's contiguous share."""
-
-    def __init__(self, items: list[Tokenized], pad_id: int, seed: int, batch_size: int, rank: int, world: int):
-        self.items, self.pad_id, self.batch_size = items, pad_id, batch_size
-        self.rank, self.world = rank, world
-        self.sampler = EpochSampler(len(items), seed)
-
-    def batch(self, step: int) -> Experience:
-        per_rank = self.batch_size // self.world
-        idx = self.sampler.indices(step * self.batch_size + self.rank * per_rank, per_rank)
-        return collate_demos([self.items[i] for i in idx], self.pad_id)
-
-
 @dataclass
 class StageRun:
     """Everything built for one stage."""
 
     cfg: StageConfig
     objectives: dict            # name -> objective
-    weights: dict[str, float]
-    builder: DemoBuilder | RolloutBuilder
-    total_steps: int            # stage steps: optimizer steps, or rollout batches in an RL stage
+    mixer: Mixer
+    demos: DemoBuilder | None
+    rollouts: RolloutBuilder | None
+    total_steps: int            # stage steps (one demonstration batch and/or one rollout batch each)
+    minis: int                  # mini-batches per pass over a step's experience (rollout.mini_batch_size)
+    passes: int                 # passes over a step's experience (rollout.num_iterations)
     optimizer: torch.optim.Optimizer
     scheduler: object
     ref: torch.nn.Module | None
     data_stats: dict
-    temperature: float = 1.0    # policy log-probs are log softmax(z / T): the rollout's sampling temperature
+    engine_stale: bool = False  # the weights changed since the rollout engine last synced them
+
+    def temperature(self, source: str) -> float:
+        """Policy log-probs are log softmax(z / T): T = 1 for demonstrations, the sampling temperature for rollouts."""
+        return self.rollouts.temperature if source == "rollouts" else 1.0
+
+    def reading(self, source: str, weights: dict[str, float]) -> list[str]:
+        """The weighted objectives that read `source`, in recipe order."""
+        return [n for n, o in self.objectives.items() if o.source == source and n in weights]
 
     @functools.cached_property
-    def needs(self) -> frozenset[str]:
-        """What the stage's objectives need from the trainer (the union of their `needs`)."""
-        return frozenset().union(*(o.needs for o in self.objectives.values()))
-
-    @property
-    def rollout(self) -> RolloutBuilder | None:
-        return self.builder if isinstance(self.builder, RolloutBuilder) else None
+    def demo_needs(self) -> frozenset[str]:
+        """What the demonstration objectives need from the trainer (a reference pass per micro-batch)."""
+        return frozenset().union(*(o.needs for o in self.objectives.values() if o.source == "demos"))
 
 
 class Trainer:
@@ -116,11 +115,12 @@ class Trainer:
         with acc.main_process_first():
             path = resolve_model_path(recipe.model, self.run_dir.parent / ".posttrain-cache")
         self.tokenizer = load_tokenizer(path, recipe.model)
-        self.model = load_model(path, recipe.model)
-        self.model.train()
-        self.log = MetricsLog(acc, self.run_dir)
         self.rewards = {i: load_rewards(st.rewards, f"stages.{i}.rewards", recipe.source)   # resolved before training
                         for i, st in enumerate(recipe.stages) if st.rewards}
+        self.data = [prepare_stage(recipe, i, self.tokenizer, acc.num_processes) for i in range(len(recipe.stages))]
+        self.model = load_model(path, recipe.model)                  # the first expensive step: after every check
+        self.model.train()
+        self.log = MetricsLog(acc, self.run_dir)
         self.resume_from = ckpt.resolve(self.run_dir, resume) if resume else None
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
         if recipe.logging.report_to:
@@ -171,8 +171,8 @@ class Trainer:
                 if last:
                     break
         finally:
-            if run.rollout is not None:
-                run.rollout.close()
+            if run.rollouts is not None:
+                run.rollouts.close()
         bar.close()
         if rewards and acc.is_main_process:
             print(reward_summary(stage.name, rewards, metrics.get("eval/accuracy")), flush=True)
@@ -187,11 +187,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- setup
     def setup_stage(self, stage: StageConfig) -> StageRun:
-        acc = self.accelerator
-        objectives = {name: build_objective(self.recipe.objectives[name]) for name in stage.objectives}
+        acc, index = self.accelerator, self.state.stage
+        data: StageData = self.data[index]
+        objectives = data.objectives
         needs = set().union(*(o.needs for o in objectives.values()))
-        if "rollouts" not in needs:
-            builder, total, stats = self.demo_builder(stage)
         unwrapped = acc.unwrap_model(self.model)
         backbone = unwrapped.model if isinstance(unwrapped, ValueHeadModel) else unwrapped
         ref = self.reference(backbone) if needs & {"reference", "ref_logits"} else None
@@ -203,14 +202,21 @@ class Trainer:
         optimizer = make_optimizer(policy, stage)
         self.configure_deepspeed(stage)
         self.model, optimizer = acc.prepare(policy, optimizer)
-        updates = 1
-        if "rollouts" in needs:    # the engine samples from the prepared policy
-            builder, total, stats = self.rollout_builder(stage, objectives)
-            updates = stage.rollout.updates_per_step
-        scheduler = make_scheduler(optimizer, stage, total * updates)   # the schedule counts optimizer steps
-        temperature = (stage.rollout.sampling.temperature or 1.0) if "rollouts" in needs else 1.0
-        return StageRun(stage, objectives, dict(stage.objectives), builder, total, optimizer, scheduler, ref, stats,
-                        temperature)
+        demos = self.demo_builder(stage, data) if data.demos is not None else None
+        rollouts = self.rollout_builder(stage, data) if data.prompts is not None else None   # samples the prepared policy
+        minis, passes = (stage.rollout.updates_per_step // stage.rollout.num_iterations, stage.rollout.num_iterations) \
+            if rollouts is not None else (1, 1)
+        if stage.train.steps:
+            total = stage.train.steps
+        elif rollouts is not None:
+            total = max(1, math.ceil(stage.train.epochs * len(data.prompts) / stage.rollout.prompts_per_step))
+        else:
+            total = max(1, math.ceil(stage.train.epochs * len(data.demos) / stage.train.batch_size))
+        scheduler = make_scheduler(optimizer, stage, total * minis * passes)   # the schedule counts optimizer steps
+        mixer = build_mixer(stage.mixer, dict(stage.objectives), self.recipe.seed + index)
+        mixer.load_state_dict(self.state.extras.get("mixer", {}))
+        return StageRun(stage, objectives, mixer, demos, rollouts, total, minis, passes, optimizer, scheduler, ref,
+                        data.stats)
 
     def value_head_model(self, backbone: torch.nn.Module) -> ValueHeadModel:
         """The backbone with a fresh value head, initialised from the recipe seed and the stage alone (the same on
@@ -219,37 +225,21 @@ class Trainer:
             torch.manual_seed(self.recipe.seed + self.state.stage)
             return ValueHeadModel(backbone)
 
-    def demo_builder(self, stage: StageConfig) -> tuple[DemoBuilder, int, dict]:
-        acc, where = self.accelerator, f"stages.{self.state.stage}.data"
-        rows, columns = load_rows(stage.data, where)
-        items, stats = tokenize_demos(to_examples(rows, columns, stage.data, where), self.tokenizer, stage.data, where)
-        world = acc.num_processes
-        if stage.train.batch_size % world:
-            raise ValueError(f"{self.recipe.source}: stages.{self.state.stage}.train.batch_size "
-                             f"({stage.train.batch_size}) must be a multiple of the number of processes ({world})")
-        total = stage.train.steps or max(1, math.ceil(stage.train.epochs * len(items) / stage.train.batch_size))
-        builder = DemoBuilder(items, self.tokenizer.pad_token_id, self.recipe.seed + self.state.stage,
-                              stage.train.batch_size, acc.process_index, world)
-        return builder, total, {"examples": stats.kept, "truncated": stats.truncated,
-                                "dropped_overlong": stats.dropped_overlong}
+    def demo_builder(self, stage: StageConfig, data: StageData) -> DemoBuilder:
+        acc, extras = self.accelerator, self.state.extras
+        builder = DemoBuilder(data.demos, self.tokenizer.pad_token_id, self.recipe.seed + self.state.stage,
+                              stage.train.batch_size, acc.process_index, acc.num_processes)
+        # a checkpoint from before the cursor existed: a demonstration-only stage was at step * batch_size
+        builder.load_state_dict(extras.get("demos", {"cursor": self.state.step * stage.train.batch_size}))
+        return builder
 
-    def rollout_builder(self, stage: StageConfig, objectives: dict) -> tuple[RolloutBuilder, int, dict]:
-        acc, index, where = self.accelerator, self.state.stage, f"stages.{self.state.stage}"
-        check_world(stage.rollout, acc.num_processes, f"{where}.rollout", self.recipe.source)
-        rows, columns = load_rows(stage.data, f"{where}.data")
-        examples = to_examples(rows, columns, stage.data, f"{where}.data")
-        prompts, dropped = rollout_prompts(examples, rows, columns, self.tokenizer, stage.data.max_length)
-        if not prompts:
-            raise ConfigError(f"{self.recipe.source}: {where}.data: every prompt of {stage.data.source!r} is longer "
-                              f"than max_length={stage.data.max_length} tokens")
-        (objective,) = objectives.values()
+    def rollout_builder(self, stage: StageConfig, data: StageData) -> RolloutBuilder:
+        acc, index = self.accelerator, self.state.stage
         engine = ENGINES.get(stage.rollout.engine)(self.model, self.tokenizer, stage.rollout.engine_args, acc)
-        builder = RolloutBuilder(prompts, stage.rollout, RLPlan.of(objective), self.rewards[index], engine,
-                                 self.tokenizer, acc, self.recipe.seed + index, stage.train.micro_batch_size)
+        builder = RolloutBuilder(data.prompts, stage.rollout, data.plan, self.rewards[index], engine, self.tokenizer,
+                                 acc, self.recipe.seed + index, stage.train.micro_batch_size)
         builder.load_state_dict(self.state.extras.get("rollout", {}))
-        per_step = stage.rollout.prompts_per_step
-        total = stage.train.steps or max(1, math.ceil(stage.train.epochs * len(prompts) / per_step))
-        return builder, total, {"prompts": len(prompts), "dropped_overlong": dropped}
+        return builder
 
     def reference(self, backbone: torch.nn.Module) -> torch.nn.Module:
         """pi_ref = the policy at the start of the stage, frozen. After the first stage that is no longer the loaded
@@ -305,43 +295,63 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- step
     def train_step(self, run: StageRun) -> dict:
-        if run.rollout is not None:
-            return self.rollout_step(run)
-        acc, started = self.accelerator, time.perf_counter()
-        batch = run.builder.batch(self.state.step)
-        metrics = self.optimize(run, batch)
-        tokens = acc.reduce(batch.attention_mask.sum().to(acc.device), "sum")
-        return metrics | {"tokens_per_s": float(tokens) / (time.perf_counter() - started),
-                          "epoch": (self.state.step + 1) * run.cfg.train.batch_size / len(run.builder.items)}
-
-    def rollout_step(self, run: StageRun) -> dict:
-        """One rollout batch, then num_iterations passes over its mini-batches (one optimizer step each)."""
-        acc, rollout, started = self.accelerator, run.rollout, time.perf_counter()
-        batch, metrics = rollout.collect(acc.unwrap_model(self.model), run.ref)
-        trained, synced, updates = time.perf_counter(), 0.0, []
-        for _ in range(run.cfg.rollout.num_iterations):
-            for mini in rollout.mini_batches(batch):
-                updates.append(self.optimize(run, mini, max_len=run.cfg.rollout.sampling.max_new_tokens))
-                tick = time.perf_counter()
-                rollout.engine.sync_weights(self.model)
-                synced += time.perf_counter() - tick
+        """One stage step: the mixer's weights, the experience they read, `passes` x `minis` optimizer steps."""
+        acc, step, started = self.accelerator, self.state.step, time.perf_counter()
+        weights = run.mixer.plan(step)
+        active = {name: w for name, w in weights.items() if w != 0.0}
+        if not active:
+            raise RuntimeError(f"stage {run.cfg.name!r}: mixer {run.cfg.mixer.name!r} gave every objective weight 0 "
+                               f"at step {step}; nothing to train")
+        batches, metrics, synced = self.experience(run, active)
+        trained, updates = time.perf_counter(), []
+        for _ in range(run.passes):
+            for minis in self.mini_batches(run, batches):
+                updates.append(self.optimize(run, minis, active))
+                run.engine_stale = run.rollouts is not None
         done = time.perf_counter()
-        tokens = float(acc.reduce(batch.attention_mask.sum().to(acc.device), "sum"))
-        return metrics | combine_updates(updates) | {
-            "time/train": done - trained - synced, "time/sync": synced, "time/step": done - started,
-            "tokens_per_s": tokens / (done - started), "optimizer_steps": float(len(updates))}
+        tokens = acc.reduce(sum(b.attention_mask.sum() for b in batches.values()).to(acc.device), "sum")
+        metrics |= combine_updates(updates) | {f"mix/{name}": w for name, w in weights.items()} | {
+            "time/train": done - trained, "time/sync": synced, "time/step": done - started,
+            "tokens_per_s": float(tokens) / (done - started), "optimizer_steps": float(len(updates))}
+        if "demos" in batches:
+            metrics["epoch" if "rollouts" not in batches else "epoch/demos"] = run.demos.epoch
+        run.mixer.observe(step, metrics)
+        return metrics
 
-    def optimize(self, run: StageRun, batch: Experience, max_len: float | None = None) -> dict:
-        """One optimizer step on this process's share of a global batch -> metrics reduced over processes."""
+    def experience(self, run: StageRun, weights: dict[str, float]) -> tuple[dict[str, Experience], dict, float]:
+        """The sources the weighted objectives read this step -> ({source: this process's batch}, the rollout metrics,
+        seconds spent syncing the rollout engine's weights first)."""
+        batches, metrics, synced = {}, {}, 0.0
+        if run.reading("rollouts", weights):
+            if run.engine_stale:
+                tick = time.perf_counter()
+                run.rollouts.engine.sync_weights(self.model)
+                run.engine_stale, synced = False, time.perf_counter() - tick
+            batches["rollouts"], metrics = run.rollouts.collect(self.accelerator.unwrap_model(self.model), run.ref,
+                                                                self.state.step)
+        if run.reading("demos", weights):
+            batches["demos"] = run.demos.next_batch()
+        return batches, metrics, synced
+
+    def mini_batches(self, run: StageRun, batches: dict[str, Experience]) -> list[dict[str, Experience]]:
+        """The optimizer steps of one pass: {source: mini-batch k} for k < run.minis."""
+        split = {"rollouts": lambda b: run.rollouts.mini_batches(b), "demos": lambda b: run.demos.mini_batches(b, run.minis)}
+        parts = {source: split[source](batch) for source, batch in batches.items()}
+        return [{source: mb[k] for source, mb in parts.items()} for k in range(run.minis)]
+
+    def optimize(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float]) -> dict:
+        """One optimizer step on this process's share of each source's global batch -> metrics reduced over processes."""
         acc = self.accelerator
-        norm = self.global_normalizer(batch, max_len)
-        micro = batch.split(run.cfg.train.micro_batch_size)
+        norms = self.global_normalizers(run, batches, weights)
+        work = [(source, mb) for source in SOURCES if source in batches
+                for mb in batches[source].split(run.cfg.train.micro_batch_size)]
         totals: dict[str, torch.Tensor] = {}
-        for i, mb in enumerate(micro):
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
+        for i, (source, mb) in enumerate(work):
+            last = i == len(work) - 1
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             with sync, acc.autocast():
-                loss, parts = self.micro_loss(run, mb.trimmed().to(acc.device), norm)
-                self.backward(loss * acc.num_processes, last=i == len(micro) - 1)  # DDP/ZeRO average over processes
+                loss, parts = self.micro_loss(run, source, mb.trimmed().to(acc.device), norms, weights)
+                self.backward(loss * acc.num_processes, last=last)   # DDP/ZeRO average over processes
             for k, v in parts.items():
                 totals[k] = v if k not in totals else _combine(reduction(k), totals[k], v)
         grad_norm = self.clip(run)
@@ -350,23 +360,33 @@ class Trainer:
         run.optimizer.zero_grad(set_to_none=True)
         return self.reduce_metrics(totals) | {"lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
 
-    def micro_loss(self, run: StageRun, mb: Experience, norm: Normalizer) -> tuple[torch.Tensor, dict]:
-        """sum_k w_k * aggregate_k(loss_k) on one micro-batch, plus detached per-objective parts."""
-        if run.ref is not None and run.rollout is None:   # rollouts carry ref_logprobs from collection
-            with torch.no_grad():
-                ref_out = forward(run.ref, mb, logprobs="reference" in run.needs)
+    def micro_loss(self, run: StageRun, source: str, mb: Experience, norms: dict, weights: dict[str, float]
+                   ) -> tuple[torch.Tensor, dict]:
+        """sum_k w_k sum_terms aggregate(loss_k[term]) over the objectives reading `source`, on one micro-batch; plus
+        detached parts for the metrics."""
+        if source == "demos" and run.ref is not None and run.demo_needs & {"reference", "ref_logits"}:
+            with torch.no_grad():                                        # rollouts carry ref_logprobs from collection
+                ref_out = forward(run.ref, mb, logprobs="reference" in run.demo_needs)
             mb.ref_logprobs = ref_out.logprobs
-            mb.ref_logits = ref_out.logits if "ref_logits" in run.needs else None
-        out = forward(self.model, mb, run.temperature)
-        mask = mb.target_mask                                            # [B, L]
-        share = mask.sum() / max(norm.tokens, 1.0)                       # this micro-batch's share of the tokens
+            mb.ref_logits = ref_out.logits if "ref_logits" in run.demo_needs else None
+        out = forward(self.model, mb, run.temperature(source))
         total, parts = 0.0, {}
-        for name, objective in run.objectives.items():
-            per_token, metrics = objective(out, mb)                      # [B, L]
-            agg = aggregate(per_token, mask, objective.config.aggregation, norm)
-            total = total + run.weights[name] * agg
-            parts[f"loss/{name}"] = agg.detach()
-            prefix = "" if "rollouts" in objective.needs else f"{name}/"
+        for name in run.reading(source, weights):
+            objective = run.objectives[name]
+            result, metrics = objective(out, mb)
+            losses = objective_terms(name, objective, result)             # term -> [B, L]
+            loss, share = 0.0, None
+            for term_name, term in objective.terms.items():
+                mask = term_mask(mb, term.tokens)                          # [B, L]
+                norm = norms[(source, term.tokens)]
+                agg = aggregate(losses[term_name], mask, term.aggregation, norm)
+                loss = loss + agg
+                share = mask.sum() / max(norm.tokens, 1.0) if share is None else share   # of the first term's tokens
+                if len(objective.terms) > 1:
+                    parts[f"loss/{name}/{term_name}"] = agg.detach()
+            total = total + weights[name] * loss
+            parts[f"loss/{name}"] = loss.detach()
+            prefix = "" if source == "rollouts" else f"{name}/"
             for k, v in metrics.items():  # token means: weighted by the share (their sum is the global mean)
                 key = prefix + METRIC_NAMES.get(k, k)
                 v = torch.as_tensor(v, dtype=torch.float32)
@@ -374,15 +394,22 @@ class Trainer:
         parts["loss"] = total.detach()
         return total, parts
 
-    def global_normalizer(self, batch: Experience, max_len: float | None = None) -> Normalizer:
-        """Token and sequence counts of the whole batch over all processes; L_max = `max_len` (the generation budget
-        of a rollout) or the longest loss span."""
-        mask = batch.target_mask
-        counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float64, device=self.accelerator.device)
-        counts = self.accelerator.reduce(counts, "sum")
-        if max_len is None:
-            max_len = self.accelerator.reduce(mask.sum(-1).max().to(self.accelerator.device, torch.float64), "max")
-        return Normalizer(tokens=float(counts[0]), seqs=float(counts[1]), max_len=float(max_len))
+    def global_normalizers(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float]) -> dict:
+        """(source, term tokens) -> Normalizer: token and sequence counts of those tokens in the whole optimizer step
+        over all processes; L_max = the rollout's generation budget, or the longest loss span of the demonstrations."""
+        acc = self.accelerator
+        keys = sorted({(o.source, t.tokens) for n, o in run.objectives.items() if n in weights and o.source in batches
+                       for t in o.terms.values()}, key=lambda k: (k[0], sorted(k[1])))
+        counts, spans = [], []
+        for source, tokens in keys:
+            mask = term_mask(batches[source], tokens)                                           # [B, L]
+            counts.append(torch.stack([mask.sum(), (mask.sum(-1) > 0).sum()]).to(torch.float64))
+            spans.append(mask.sum(-1).max().to(torch.float64) if mask.numel() else torch.zeros((), dtype=torch.float64))
+        counts = acc.reduce(torch.stack(counts).to(acc.device), "sum")                          # [K, 2]
+        spans = acc.reduce(torch.stack(spans).to(acc.device), "max")                            # [K]
+        budget = float(run.cfg.rollout.sampling.max_new_tokens)
+        return {key: Normalizer(float(c[0]), float(c[1]), budget if key[0] == "rollouts" else float(span))
+                for key, c, span in zip(keys, counts, spans)}
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """accelerate's backward, except under DeepSpeed: its engine scales by 1 / its accumulation steps and steps
@@ -441,8 +468,11 @@ class Trainer:
         every = run.cfg.train.save_every
         if final or (every and self.state.step % every == 0):
             self.state.scheduler = run.scheduler.state_dict()
-            if run.rollout is not None:
-                self.state.extras["rollout"] = run.rollout.state_dict()
+            self.state.extras["mixer"] = run.mixer.state_dict()
+            if run.rollouts is not None:
+                self.state.extras["rollout"] = run.rollouts.state_dict()
+            if run.demos is not None:
+                self.state.extras["demos"] = run.demos.state_dict()
             ckpt.save(self.accelerator, self.run_dir, self.state, run.cfg.train.keep_checkpoints)
 
     def export_final(self) -> Path:
@@ -468,6 +498,21 @@ def combine_updates(updates: list[dict]) -> dict:
         out[k] = values[-1] if k == "lr" else min(values) if kind == "min" else max(values) if kind == "max" \
             else sum(values) / len(values)
     return out
+
+
+def objective_terms(name: str, objective, result) -> dict:
+    """An objective's per-token losses by term: a tensor for a one-term objective, a dict naming every term else."""
+    declared = set(objective.terms)
+    losses = result if isinstance(result, dict) else {next(iter(objective.terms)): result}
+    if set(losses) != declared or (not isinstance(result, dict) and len(declared) > 1):
+        raise ValueError(f"objective {name!r} returned losses for {sorted(losses)} but declares terms {sorted(declared)}")
+    return losses
+
+
+def term_mask(exp: Experience, tokens: frozenset[int]) -> torch.Tensor:
+    """[B, L] float mask of the predicted tokens that carry loss and whose provenance is in `tokens`."""
+    kinds = torch.tensor(sorted(tokens), device=exp.source.device)
+    return exp.target_mask * torch.isin(exp.source[:, 1:], kinds)
 
 
 def _combine(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

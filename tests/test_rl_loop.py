@@ -161,7 +161,7 @@ def test_rl_stage_without_rewards_is_a_config_error(tiny_model_dir, tmp_path):
 
 
 def test_prompts_per_step_must_split_over_processes(tiny_model_dir, tmp_path):
-    from posttrain.rl.builder import check_world
+    from posttrain.sources import check_world
     from posttrain.rl.config import RolloutConfig
 
     with pytest.raises(ConfigError, match=r"stages\.1\.rollout\.prompts_per_step \(6\) must be a multiple"):
@@ -179,7 +179,7 @@ def _builder(tiny_model_dir, reward: str, objective: dict, rollout: dict):
     from posttrain.objectives import build_objective
     from posttrain.config import _build_objective
     from posttrain.rewarding import RewardSpec, load_rewards
-    from posttrain.rl.builder import RLPlan, RolloutBuilder, rollout_prompts
+    from posttrain.sources import RolloutBuilder, rollout_prompts
     from posttrain.rl.config import RolloutConfig
     from posttrain.rollout import ENGINES
 
@@ -194,7 +194,7 @@ def _builder(tiny_model_dir, reward: str, objective: dict, rollout: dict):
     obj = build_objective(_build_objective(objective["type"], objective, "test"))
     rewards = load_rewards([RewardSpec(reward)])
     engine = ENGINES.get("hf")(model, tok, {}, acc)
-    return RolloutBuilder(prompts, cfg, RLPlan.of(obj), rewards, engine, tok, acc, 0, 8), model
+    return RolloutBuilder(prompts, cfg, obj.rollout_plan(), rewards, engine, tok, acc, 0, 8), model
 
 
 def test_dynamic_sampling_keeps_only_informative_groups(tiny_model_dir, toy):
@@ -213,7 +213,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(tiny_model_dir, toy):
         assert bool(live.all())
     # the experience: the loss covers exactly the completion, and the engine's log-probs are the policy's at T
     assert bool(((exp.source == 3) == exp.loss_mask.bool())[live].all())
-    teacher, _ = builder.scored(model, exp)                                           # [B, L] at T = 0.7
+    teacher, _, _ = builder.scored(model, exp)                                           # [B, L] at T = 0.7
     mask = exp.target_mask.bool()
     assert torch.allclose(teacher[mask], exp.sampler_logprobs[mask], atol=1e-4)
     assert exp.old_logprobs is None and exp.ref_logprobs is None                      # one update, no KL: not needed

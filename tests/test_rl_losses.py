@@ -114,7 +114,7 @@ def tiny_rollout(adv=(1.0, -0.5)) -> tuple[PolicyOutput, Experience, torch.Tenso
 def test_grpo_preset_by_hand():
     out, exp, logp = tiny_rollout()
     grpo = build_objective(build(GRPOConfig, {"type": "grpo"}))          # eps 0.2, beta 0.04, k3, seq_mean_token_mean
-    assert grpo.needs == {"rollouts", "reference"}
+    assert grpo.source == "rollouts" and grpo.needs == {"reference"}
     loss, m = grpo(out, exp)
     # row 0 t1: -min(1.25, 1.2) + 0.04 * 0.193147 = -1.2 + 0.0077259 = -1.1922741   (upper clip)
     # row 0 t2: -min(0.8, 0.8) + 0 = -0.8;   row 1 t1: -min(-0.5, -0.5) + 0.04 * 0.306853 = 0.5122741
@@ -149,7 +149,7 @@ def test_grpo_preset_by_hand():
 def test_dapo_and_dr_grpo_presets_by_hand():
     out, exp, logp = tiny_rollout()
     dapo = build_objective(build(DAPOConfig, {"type": "dapo"}))     # eps 0.2 / 0.28, beta 0, token_mean
-    assert dapo.needs == {"rollouts"} and dapo.config.dynamic_sampling
+    assert dapo.source == "rollouts" and dapo.needs == set() and dapo.config.dynamic_sampling
     loss, m = dapo(out, exp)
     # row 0: -min(1.25, 1.25) = -1.25 (inside [0.8, 1.28]); -0.8; row 1: 0.5 -> token_mean = -1.55 / 3 = -0.5166667
     assert loss[0, 1:].tolist() == pytest.approx([-1.25, -0.8], abs=1e-5) and loss[1, 1].item() == pytest.approx(0.5)
@@ -182,7 +182,7 @@ def test_ppo_by_hand():
     exp.values = torch.tensor([[0.0, 0.4, 0.5], [0.0, 0.1, 0.0]])                      # V_old
     exp.returns = torch.tensor([[0.0, 1.0, 1.2], [0.0, -0.2, 0.0]])                    # R
     ppo = build_objective(build(PPOConfig, {"type": "ppo"}))     # eps 0.2, value clip 0.2, vf_coef 5, token_mean
-    assert ppo.needs == {"rollouts", "values", "reference"}
+    assert ppo.source == "rollouts" and ppo.needs == {"values", "reference"}
     loss, m = ppo(out, exp)
     # value loss 0.5 max((V - R)^2, (clip(V, V_old -+ 0.2) - R)^2):
     # row 0 t1: V 0.5, clip to [0.2, 0.6] = 0.5: 0.5 * 0.25 = 0.125

@@ -26,8 +26,8 @@ from typing import Literal
 from torch import Tensor
 
 from posttrain.configlib import field_doc, require
-from posttrain.experience import Experience
-from posttrain.objectives.base import ObjectiveConfig, register_objective
+from posttrain.experience import DEMO, Experience
+from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.objectives.dft import dft_per_token, masked_mean
 from posttrain.ops.logprobs import full_vocab_kl
 from posttrain.policy import PolicyOutput
@@ -48,10 +48,13 @@ class ASFTConfig(ObjectiveConfig):
 
 @register_objective("asft", ASFTConfig)
 class ASFT:
-    needs = frozenset({"demos", "ref_logits"})
+    source = "demos"
+    needs = frozenset({"ref_logits"})
+
 
     def __init__(self, config: ASFTConfig):
         self.config = config
+        self.terms = terms(config.aggregation, DEMO)
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, float]]:
         if exp.ref_logits is None:

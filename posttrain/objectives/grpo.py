@@ -24,17 +24,17 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from posttrain.configlib import field_doc, require
-from posttrain.experience import Experience
-from posttrain.objectives.base import ObjectiveConfig, register_objective
+from posttrain.experience import POLICY, Experience
+from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.policy import PolicyOutput
 from posttrain.rl.advantages import ADVANTAGES, AdvantageParams
 from posttrain.rl.kl import KL_ESTIMATORS, kl_estimate
-from posttrain.rl.metrics import masked_stats, policy_metrics, token_mean
-from posttrain.rl.surrogate import clipped_surrogate, truncated_is_weight
+from posttrain.rl.metrics import policy_metrics, token_mean
+from posttrain.rl.surrogate import policy_gradient
+from posttrain.sources.plan import RolloutPlan
 
 
 @dataclass(frozen=True)
@@ -108,35 +108,39 @@ DAPOConfig = preset(GRPOConfig, "DAPOConfig", "DAPO: clip-higher, token-level lo
 @register_objective("dr_grpo", DrGRPOConfig)
 @register_objective("grpo", GRPOConfig)
 class GRPO:
+    source = "rollouts"
+
     def __init__(self, config: GRPOConfig):
         self.config = config
-        self.needs = frozenset({"rollouts"} | ({"reference"} if config.beta > 0 else set()))
+        self.needs = frozenset({"reference"} if config.beta > 0 else set())
+        self.terms = terms(config.aggregation, POLICY)
+
+    def rollout_plan(self) -> RolloutPlan:
+        return grpo_plan(self.config, reference="reference" in self.needs)
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, Tensor]]:
-        c, mask = self.config, exp.target_mask                                       # mask [B, L]
-        logp = out.logprobs                                                          # [B, L] log pi(o_t|s_t)
-        old_logp = exp.old_logprobs if exp.old_logprobs is not None else logp.detach()   # [B, L] log pi_old
-        adv = advantages(exp)                                                        # [B, L] A_i per token
-        ratio = torch.exp(logp - old_logp)                                           # [B, L] r_{i,t}
-        pg = clipped_surrogate(ratio, adv, c.eps_low, c.eps_high, c.dual_clip)       # -min(r A, clip(r) A)
-        loss, metrics = pg.loss, {}
-        if c.is_cap is not None and exp.sampler_logprobs is not None:
-            w = truncated_is_weight(old_logp, exp.sampler_logprobs, c.is_cap)        # [B, L] min(pi_old/pi_sampler, C)
-            loss = w * loss
-            metrics |= masked_stats("is_weight", w, mask)
-        kl_in_loss = c.beta > 0 and c.kl_placement == "loss"
-        if kl_in_loss and exp.ref_logprobs is None:
-            raise ValueError("beta > 0 with the KL in the loss needs Experience.ref_logprobs (the reference model's)")
-        if exp.ref_logprobs is not None:
-            kl = kl_estimate(logp, exp.ref_logprobs, c.kl_estimator)                 # [B, L] k(z)
-            loss = loss + c.beta * kl if kl_in_loss else loss                        # + beta k(z)
-            metrics["kl"] = token_mean(kl, mask)
-        metrics |= policy_metrics(pg, ratio, out.logits if c.entropy_metric else None, mask)
-        return loss, metrics
+        return grpo_loss(self.config, out, exp, exp.target_mask)
 
 
-def advantages(exp: Experience) -> Tensor:
-    """exp.advantages as [B, L] ([B] outcome advantages are broadcast over the tokens)."""
-    if exp.advantages is None:
-        raise ValueError("this objective needs Experience.advantages (set by the rollout experience builder)")
-    return exp.advantages if exp.advantages.dim() == 2 else exp.advantages[:, None]
+def grpo_plan(c: GRPOConfig, reference: bool, **guidance) -> RolloutPlan:
+    """The rollout plan of a GRPO-family config (advantages, KL placement, dynamic sampling), plus any guidance."""
+    in_reward = c.beta > 0 and c.kl_placement == "reward"
+    return RolloutPlan(c.advantage, c.advantage_params, kl_beta=c.beta if in_reward else 0.0,
+                       kl_estimator=c.kl_estimator, reference=reference, dynamic_sampling=c.dynamic_sampling,
+                       max_rounds=c.max_sampling_rounds if c.dynamic_sampling else 1, **guidance)
+
+
+def grpo_loss(c: GRPOConfig, out: PolicyOutput, exp: Experience, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO per-token loss [B, L] (clipped policy gradient + beta k in the loss) and its metrics over `mask`."""
+    logp = out.logprobs                                                          # [B, L] log pi(o_t|s_t)
+    pg = policy_gradient(logp, exp, c.eps_low, c.eps_high, c.dual_clip, c.is_cap, mask)   # w * -min(r A, clip(r) A)
+    loss, metrics = pg.loss, dict(pg.metrics)
+    kl_in_loss = c.beta > 0 and c.kl_placement == "loss"
+    if kl_in_loss and exp.ref_logprobs is None:
+        raise ValueError("beta > 0 with the KL in the loss needs Experience.ref_logprobs (the reference model's)")
+    if exp.ref_logprobs is not None:
+        kl = kl_estimate(logp, exp.ref_logprobs, c.kl_estimator)                 # [B, L] k(z)
+        loss = loss + c.beta * kl if kl_in_loss else loss                        # + beta k(z)
+        metrics["kl"] = token_mean(kl, mask)
+    metrics |= policy_metrics(pg.surrogate, pg.ratio, out.logits if c.entropy_metric else None, mask)
+    return loss, metrics

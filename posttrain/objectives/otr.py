@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from posttrain.configlib import field_doc, require
-from posttrain.experience import Experience
-from posttrain.objectives.base import ObjectiveConfig, register_objective
+from posttrain.experience import DEMO, Experience
+from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.objectives.dft import masked_mean
 from posttrain.ops.logprobs import sample_tokens, selective_log_softmax
 from posttrain.policy import PolicyOutput
@@ -54,10 +54,12 @@ class OTRConfig(ObjectiveConfig):
 
 @register_objective("otr", OTRConfig)
 class OTR:
-    needs = frozenset({"demos"})
+    source = "demos"
+    needs = frozenset()
 
     def __init__(self, config: OTRConfig):
         self.config = config
+        self.terms = terms(config.aggregation, DEMO)
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, float]]:
         c, y, mask = self.config, exp.targets, exp.target_mask                       # [B, L], [B, L]

@@ -21,14 +21,15 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import field_doc, require
-from posttrain.experience import Experience
-from posttrain.objectives.base import ObjectiveConfig, register_objective
-from posttrain.objectives.grpo import GRPOConfig, advantages, check_policy_gradient
+from posttrain.experience import POLICY, Experience
+from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
+from posttrain.objectives.grpo import GRPOConfig, check_policy_gradient
 from posttrain.policy import PolicyOutput
 from posttrain.rl.advantages import AdvantageParams
 from posttrain.rl.kl import kl_estimate
-from posttrain.rl.metrics import masked_stats, policy_metrics, token_mean
-from posttrain.rl.surrogate import clipped_surrogate, truncated_is_weight
+from posttrain.rl.metrics import policy_metrics, token_mean
+from posttrain.rl.surrogate import policy_gradient
+from posttrain.sources.plan import RolloutPlan
 
 _doc = GRPOConfig.__dataclass_fields__   # shared fields keep one documentation
 
@@ -70,9 +71,17 @@ class PPOConfig(ObjectiveConfig):
 
 @register_objective("ppo", PPOConfig)
 class PPO:
+    source = "rollouts"
+
     def __init__(self, config: PPOConfig):
         self.config = config
-        self.needs = frozenset({"rollouts", "values"} | ({"reference"} if config.beta > 0 else set()))
+        self.needs = frozenset({"values"} | ({"reference"} if config.beta > 0 else set()))
+        self.terms = terms(config.aggregation, POLICY)
+
+    def rollout_plan(self) -> RolloutPlan:
+        c = self.config                                      # the KL is always in the per-token reward (ReFT)
+        return RolloutPlan(c.advantage, c.advantage_params, kl_beta=c.beta, kl_estimator=c.kl_estimator,
+                           reference=c.beta > 0, values=True)
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, Tensor]]:
         c, mask = self.config, exp.target_mask                                       # mask [B, L]
@@ -80,19 +89,13 @@ class PPO:
             raise ValueError("ppo needs PolicyOutput.values (wrap the model in rl.value_head.ValueHeadModel) and "
                              "Experience.values / .returns from the rollout")
         logp = out.logprobs                                                          # [B, L] log pi(o_t|s_t)
-        old_logp = exp.old_logprobs if exp.old_logprobs is not None else logp.detach()   # [B, L] log pi_old
-        ratio = torch.exp(logp - old_logp)                                           # [B, L] r_t
-        pg = clipped_surrogate(ratio, advantages(exp), c.eps_low, c.eps_high, c.dual_clip)   # -min(r A, clip(r) A)
-        policy, metrics = pg.loss, {}
-        if c.is_cap is not None and exp.sampler_logprobs is not None:
-            w = truncated_is_weight(old_logp, exp.sampler_logprobs, c.is_cap)        # [B, L] min(pi_old/pi_sampler, C)
-            policy = w * policy
-            metrics |= masked_stats("is_weight", w, mask)
+        pg = policy_gradient(logp, exp, c.eps_low, c.eps_high, c.dual_clip, c.is_cap, mask)   # w * -min(r A, clip(r) A)
+        metrics = dict(pg.metrics)
         v, v_old, ret = out.values, exp.values, exp.returns                          # [B, L] V_t, V_old_t, R_t
         v_clipped = v_old + (v - v_old).clamp(-c.value_clip, c.value_clip)           # clip(V, V_old -+ eps_v)
         value = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)              # [B, L] clipped value loss
-        loss = policy + c.vf_coef * value                                            # [B, L]
-        metrics |= policy_metrics(pg, ratio, out.logits if c.entropy_metric else None, mask)
+        loss = pg.loss + c.vf_coef * value                                           # [B, L]
+        metrics |= policy_metrics(pg.surrogate, pg.ratio, out.logits if c.entropy_metric else None, mask)
         metrics |= {"vf_loss": token_mean(value, mask), "value/mean": token_mean(v, mask),
                     "vf_clip_frac": token_mean((v - ret) ** 2 < (v_clipped - ret) ** 2, mask)}
         if exp.ref_logprobs is not None:

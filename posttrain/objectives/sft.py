@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from posttrain.experience import Experience
-from posttrain.objectives.base import ObjectiveConfig, register_objective
+from posttrain.experience import DEMO, Experience
+from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.policy import PolicyOutput
 
 
@@ -22,10 +22,12 @@ class SFTConfig(ObjectiveConfig):
 
 @register_objective("sft", SFTConfig)
 class SFT:
-    needs = frozenset({"demos"})
+    source = "demos"
+    needs = frozenset()
 
     def __init__(self, config: SFTConfig):
         self.config = config
+        self.terms = terms(config.aggregation, DEMO)
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, float]]:
         log_p = out.logprobs   # [B, L] log pi(y*_t | s_t)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from typing import TYPE_CHECKING
+
 from posttrain.rl.kl import token_entropy
-from posttrain.rl.surrogate import Surrogate
+
+if TYPE_CHECKING:
+    from posttrain.rl.surrogate import Surrogate
 
 
 def token_mean(x: Tensor, mask: Tensor) -> Tensor:

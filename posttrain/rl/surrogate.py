@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from posttrain.rl.metrics import masked_stats
+
 
 class Surrogate(NamedTuple):
     loss: Tensor          # [B, L] per-token clipped surrogate loss
@@ -45,3 +47,36 @@ def truncated_is_weight(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> T
     """w = min(exp(log pi_old - log pi_sampler), cap), no gradient; NaN sampler log-probs give w = 1.   -> [B, L]"""
     log_w = torch.nan_to_num(old_logp.detach() - sampler_logp.detach(), nan=0.0)   # log pi_old - log pi_sampler
     return torch.exp(log_w.clamp(max=math.log(cap)))                               # min(exp(.), cap), no overflow
+
+
+class PolicyGradient(NamedTuple):
+    loss: Tensor               # [B, L] w_t * -min(r A, clip(r) A) (dual-clipped when asked)
+    surrogate: Surrogate       # the clip bookkeeping, for metrics
+    ratio: Tensor              # [B, L] r_t = pi / pi_old
+    metrics: dict              # is_weight/{min,mean,max} when truncated IS is on
+
+
+def policy_gradient(logp: Tensor, exp, eps_low: float, eps_high: float, dual_clip: float | None,
+                    is_cap: float | None, mask: Tensor) -> PolicyGradient:
+    """The clipped policy-gradient term shared by GRPO, PPO and the hybrids, on the experience's advantages:
+
+        r_t = exp(log pi - log pi_old)     pi_old = Experience.old_logprobs, or pi detached (one update per batch)
+        l_t = w_t * -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),  w_t = min(pi_old / pi_sampler, C)
+
+    logp [B, L] (with gradient), exp an Experience with advantages; mask [B, L] for the IS-weight metrics."""
+    old = exp.old_logprobs if exp.old_logprobs is not None else logp.detach()   # [B, L] log pi_old
+    ratio = torch.exp(logp - old)                                                # [B, L] r_t
+    pg = clipped_surrogate(ratio, advantages(exp), eps_low, eps_high, dual_clip)
+    loss, metrics = pg.loss, {}
+    if is_cap is not None and exp.sampler_logprobs is not None:
+        w = truncated_is_weight(old, exp.sampler_logprobs, is_cap)               # [B, L] min(pi_old/pi_sampler, C)
+        loss = w * loss
+        metrics = masked_stats("is_weight", w, mask)
+    return PolicyGradient(loss, pg, ratio, metrics)
+
+
+def advantages(exp) -> Tensor:
+    """exp.advantages as [B, L] ([B] outcome advantages are broadcast over the tokens)."""
+    if exp.advantages is None:
+        raise ValueError("this objective needs Experience.advantages (set by the rollout experience builder)")
+    return exp.advantages if exp.advantages.dim() == 2 else exp.advantages[:, None]
