@@ -153,11 +153,14 @@ def cmd_rewards_check(args) -> int:
 
 def cmd_list(args) -> int:
     import rewards
+    from posttrain.mixers import MIXERS
     from posttrain.objectives import AGGREGATIONS, OBJECTIVES
+    from posttrain.schedules import SCHEDULES
     from posttrain.tasks import TASKS
 
-    sections = {"objectives": OBJECTIVES.names(), "aggregations": AGGREGATIONS.names(),
-                "rewards": rewards.REWARDS.names(), "rollout engines": _rollout_engines(), "tasks": TASKS.names()}
+    sections = {"objectives": OBJECTIVES.names(), "aggregations": AGGREGATIONS.names(), "mixers": MIXERS.names(),
+                "schedules": SCHEDULES.names(), "rewards": rewards.REWARDS.names(),
+                "rollout engines": _rollout_engines(), "tasks": TASKS.names()}
     for heading, names in sections.items():
         print(f"{heading}:")
         for name in names:

@@ -16,6 +16,7 @@ The contract the trainer relies on (checked at registration and when the objecti
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
 
@@ -41,6 +42,12 @@ class ObjectiveConfig:
     def check(self) -> None:
         require(self.aggregation in AGGREGATIONS, "aggregation",
                 f"got {self.aggregation!r}; allowed: {', '.join(AGGREGATIONS.names())}")
+
+
+def redefault(base: type, name: str, default):
+    """A field of config class `base` with another default, keeping its documentation (for configs that extend
+    another objective's: Dr. GRPO, PPO, LUFFY, ...)."""
+    return dataclasses.field(default=default, metadata=base.__dataclass_fields__[name].metadata)
 
 
 @dataclass(frozen=True)

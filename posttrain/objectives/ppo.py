@@ -13,7 +13,6 @@ ReFT's settings: clip 0.2, value clip 0.2, vf_coef 5, gamma 1, lambda 0.95, beta
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from posttrain.configlib import field_doc, require
 from posttrain.experience import POLICY, Experience
-from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
+from posttrain.objectives.base import ObjectiveConfig, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, check_policy_gradient
 from posttrain.policy import PolicyOutput
 from posttrain.rl.advantages import AdvantageParams
@@ -31,31 +30,24 @@ from posttrain.rl.metrics import policy_metrics, token_mean
 from posttrain.rl.surrogate import policy_gradient
 from posttrain.sources.plan import RolloutPlan
 
-_doc = GRPOConfig.__dataclass_fields__   # shared fields keep one documentation
-
-
-def _same(name: str, default):
-    return dataclasses.field(default=default, metadata=_doc[name].metadata)
-
-
 @dataclass(frozen=True)
 class PPOConfig(ObjectiveConfig):
     """PPO with a value head on the shared backbone (ReFT defaults)."""
 
-    advantage: str = _same("advantage", "gae")
+    advantage: str = redefault(GRPOConfig, "advantage", "gae")
     gamma: float = field_doc(1.0, "GAE discount gamma")
     lam: float = field_doc(0.95, "GAE lambda")
-    whiten_advantages: bool = _same("whiten_advantages", True)
-    eps_low: float = _same("eps_low", 0.2)
-    eps_high: float = _same("eps_high", 0.2)
-    dual_clip: float | None = _same("dual_clip", None)
+    whiten_advantages: bool = redefault(GRPOConfig, "whiten_advantages", True)
+    eps_low: float = redefault(GRPOConfig, "eps_low", 0.2)
+    eps_high: float = redefault(GRPOConfig, "eps_high", 0.2)
+    dual_clip: float | None = redefault(GRPOConfig, "dual_clip", None)
     value_clip: float = field_doc(0.2, "eps_v in clip(V, V_old - eps_v, V_old + eps_v) of the clipped value loss")
     vf_coef: float = field_doc(5.0, "weight of the value loss (ReFT's scripts: 5)")
     beta: float = field_doc(0.05, "KL coefficient in the per-token reward (0 = no reference model)")
     kl_estimator: Literal["k1", "k2", "k3"] = field_doc(
         "k1", "estimator of the KL in the per-token reward (k1 = log pi_old - log pi_ref, as ReFT)")
-    is_cap: float | None = _same("is_cap", None)
-    entropy_metric: bool = _same("entropy_metric", True)
+    is_cap: float | None = redefault(GRPOConfig, "is_cap", None)
+    entropy_metric: bool = redefault(GRPOConfig, "entropy_metric", True)
 
     def check(self) -> None:
         check_policy_gradient(self)

@@ -45,11 +45,18 @@ def kl_reward_penalty(old_logp: Tensor, ref_logp: Tensor, beta: float, estimator
     return -beta * kl_estimate(old_logp.detach(), ref_logp.detach(), estimator)
 
 
-@torch.no_grad()
-def token_entropy(logits: Tensor) -> Tensor:
-    """H(pi(. | s_t)) = log V - KL(pi || uniform) at every position, in float32, no gradient.   [B, L, V] -> [B, L]
+def policy_entropy(logits: Tensor) -> Tensor:
+    """H(pi(. | s_t)) = log V - KL(pi || uniform) at every position, in float32, differentiable w.r.t. the logits
+    (an entropy bonus).   [B, L, V] -> [B, L]
 
-    Read through ops.logprobs.full_vocab_kl (chunked over the vocabulary); the uniform logits are a stride-0 view.
+    Read through ops.logprobs.full_vocab_kl (chunked over the vocabulary, no [B, L, V] float32 copy); the uniform
+    logits are a stride-0 view.
     """
     uniform = torch.zeros((), dtype=torch.float32, device=logits.device).expand(logits.shape)   # [B, L, V] view
     return math.log(logits.shape[-1]) - full_vocab_kl(logits, uniform)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor) -> Tensor:
+    """policy_entropy without gradient (a metric).   [B, L, V] -> [B, L]"""
+    return policy_entropy(logits)

@@ -52,6 +52,9 @@ def prepare_stage(recipe, index: int, tokenizer, world: int) -> StageData:
 def _prepare_prompts(recipe, index: int, tokenizer, world: int, data: StageData) -> None:
     stage, where = recipe.stages[index], f"stages.{index}"
     check_world(stage.rollout, world, f"{where}.rollout", recipe.source)
+    if data.plan.prefixes and data.plan.prefixes.prefixed > stage.rollout.sampling.n:
+        raise ConfigError(f"{recipe.source}: {where}.rollout.sampling.n ({stage.rollout.sampling.n}) must be at least "
+                          f"the objective's prefixed rollouts per prompt ({data.plan.prefixes.prefixed})")
     rows, columns = load_rows(stage.data, f"{where}.data")
     examples = to_examples(rows, columns, stage.data, f"{where}.data")
     if data.plan.reads_demos and all(ex.completion is None for ex in examples):
