@@ -482,3 +482,20 @@ def test_tiny_hybrid_recipe_runs_and_logs_its_mechanism(name, tiny_model_dir, tm
     assert [r["step"] for r in rows] == [3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     for key in MECHANISM[name]:
         assert key in rows[-1] and math.isfinite(rows[-1][key]), key
+
+
+@pytest.mark.parametrize("name", ["luffy", "prefix_rft", "chord", "uft"])
+def test_gsm8k_hybrid_recipe_runs_offline(name, tiny_model_dir, tmp_path, gsm8k_dir):
+    """Each GSM8K hybrid recipe as written (its columns, verifier, mixer), with the tiny model, the local GSM8K files
+    and sizes shrunk to one step."""
+    overrides = tiny_recipe_overrides(tiny_model_dir, tmp_path / name) + [
+        f"data.source={gsm8k_dir / 'train.jsonl'}", "data.limit=8", "data.max_length=1024", "model.dtype=float32",
+        "model.gradient_checkpointing=false", "model.precision=fp32", "train.micro_batch_size=8", "train.batch_size=4",
+        "train.save_every=0", "stages.0.train.steps=1", "stages.0.train.epochs=null", "stages.0.train.eval_every=0",
+        "eval.data=null", "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=400",
+        "rollout.mini_batch_size=null", "rollout.engine_args.batch_size=16"]
+    if name == "chord":
+        overrides.append("stages.0.train.batch_size=4")
+    train(load_recipe(REPO / "recipes/gsm8k" / f"qwen2.5-0.5b-{name}.yaml", overrides))
+    rows = [r for r in read_metrics(tmp_path / name) if "loss" in r]
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and "reward/gsm8k/mean" in rows[0]
