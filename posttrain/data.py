@@ -54,6 +54,7 @@ class Tokenized:
     input_ids: list[int]
     prompt_len: int                # tokens [0, prompt_len) are prompt; the rest carry loss
     columns: dict[str, Any] = field(default_factory=dict)
+    row: int = 0                   # index of the example in its data set (the same row a rollout prompt names)
 
 
 @dataclass
@@ -161,7 +162,7 @@ def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: s
                 stats.dropped_overlong += 1
                 continue
             ids, stats.truncated = ids[: cfg.max_length], stats.truncated + 1
-        out.append(Tokenized(ids, len(prompt_ids), ex.columns))
+        out.append(Tokenized(ids, len(prompt_ids), ex.columns, i))
     stats.kept = len(out)
     if not out:
         raise ConfigError(f"{where}: every example of {cfg.source!r} is longer than max_length={cfg.max_length} and was dropped")

@@ -86,6 +86,14 @@ class Experience:
         return Experience(**out)
 
 
+@dataclass
+class GroupOutcome:
+    """One rollout group of a step: the data row its prompt came from and the rewards of its sampled rows."""
+
+    row: int
+    rewards: list[float]
+
+
 def pad_right(rows: list[list[int]], value: int, length: int | None = None) -> Tensor:
     """[B, T] LongTensor from ragged rows, right padded with `value`."""
     length = length or max(len(r) for r in rows)

@@ -37,10 +37,11 @@ import torch
 
 from posttrain import checkpoint as ckpt
 from posttrain.config import Recipe, StageConfig
+from posttrain.configlib import ConfigError
 from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
 from posttrain.metrics import MetricsLog, Progress
-from posttrain.mixers import Mixer, build_mixer
+from posttrain.mixers import Mixer, MixPlan, StepReport, build_mixer
 from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
 from posttrain.objectives import Normalizer, aggregate
 from posttrain.policy import forward
@@ -86,6 +87,7 @@ class StageRun:
     scheduler: object
     ref: torch.nn.Module | None
     data_stats: dict
+    validation: DemoBuilder | None = None   # held-out demonstrations for a mixer's meta-gradient
     engine_stale: bool = False  # the weights changed since the rollout engine last synced them
 
     def temperature(self, source: str) -> float:
@@ -215,8 +217,16 @@ class Trainer:
         scheduler = make_scheduler(optimizer, stage, total * minis * passes)   # the schedule counts optimizer steps
         mixer = build_mixer(stage.mixer, dict(stage.objectives), self.recipe.seed + index)
         mixer.load_state_dict(self.state.extras.get("mixer", {}))
+        validation = None
+        if data.validation is not None and acc.state.deepspeed_plugin is not None:
+            raise ConfigError(f"{self.recipe.source}: stages.{index}.mixer: {stage.mixer.name!r} takes meta-gradients "
+                              "as plain tensors, which DeepSpeed partitions; run it with DDP (or set meta_lr: 0)")
+        if data.validation is not None:
+            validation = DemoBuilder(data.validation, self.tokenizer.pad_token_id, self.recipe.seed + index + 7919,
+                                     stage.train.batch_size, acc.process_index, acc.num_processes)
+            validation.load_state_dict(self.state.extras.get("validation", {"cursor": 0}))
         return StageRun(stage, objectives, mixer, demos, rollouts, total, minis, passes, optimizer, scheduler, ref,
-                        data.stats)
+                        data.stats, validation)
 
     def value_head_model(self, backbone: torch.nn.Module) -> ValueHeadModel:
         """The backbone with a fresh value head, initialised from the recipe seed and the stage alone (the same on
@@ -295,14 +305,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- step
     def train_step(self, run: StageRun) -> dict:
-        """One stage step: the mixer's weights, the experience they read, `passes` x `minis` optimizer steps."""
+        """One stage step: the mixer's plan, the experience it reads, `passes` x `minis` optimizer steps, the report."""
         acc, step, started = self.accelerator, self.state.step, time.perf_counter()
-        weights = run.mixer.plan(step)
-        active = {name: w for name, w in weights.items() if w != 0.0}
+        plan = run.mixer.plan(step)
+        active = {name: w for name, w in plan.weights.items() if w != 0.0}
         if not active:
             raise RuntimeError(f"stage {run.cfg.name!r}: mixer {run.cfg.mixer.name!r} gave every objective weight 0 "
                                f"at step {step}; nothing to train")
-        batches, metrics, synced = self.experience(run, active)
+        batches, metrics, synced = self.experience(run, active, plan)
+        report = StepReport(metrics, run.rollouts.outcomes if "rollouts" in batches else [])
+        if plan.meta_gradient is not None:
+            report.val_dots = self.meta_gradient(run, batches, active, plan.meta_gradient)
         trained, updates = time.perf_counter(), []
         for _ in range(run.passes):
             for minis in self.mini_batches(run, batches):
@@ -310,15 +323,16 @@ class Trainer:
                 run.engine_stale = run.rollouts is not None
         done = time.perf_counter()
         tokens = acc.reduce(sum(b.attention_mask.sum() for b in batches.values()).to(acc.device), "sum")
-        metrics |= combine_updates(updates) | {f"mix/{name}": w for name, w in weights.items()} | {
+        metrics |= combine_updates(updates) | {f"mix/{name}": w for name, w in plan.weights.items()} | {
             "time/train": done - trained, "time/sync": synced, "time/step": done - started,
             "tokens_per_s": float(tokens) / (done - started), "optimizer_steps": float(len(updates))}
         if "demos" in batches:
             metrics["epoch" if "rollouts" not in batches else "epoch/demos"] = run.demos.epoch
-        run.mixer.observe(step, metrics)
-        return metrics
+        run.mixer.observe(step, report)
+        return metrics | run.mixer.metrics()
 
-    def experience(self, run: StageRun, weights: dict[str, float]) -> tuple[dict[str, Experience], dict, float]:
+    def experience(self, run: StageRun, weights: dict[str, float], plan: MixPlan
+                   ) -> tuple[dict[str, Experience], dict, float]:
         """The sources the weighted objectives read this step -> ({source: this process's batch}, the rollout metrics,
         seconds spent syncing the rollout engine's weights first)."""
         batches, metrics, synced = {}, {}, 0.0
@@ -330,7 +344,7 @@ class Trainer:
             batches["rollouts"], metrics = run.rollouts.collect(self.accelerator.unwrap_model(self.model), run.ref,
                                                                 self.state.step)
         if run.reading("demos", weights):
-            batches["demos"] = run.demos.next_batch()
+            batches["demos"] = run.demos.next_batch() if plan.demo_rows is None else run.demos.rows(plan.demo_rows)
         return batches, metrics, synced
 
     def mini_batches(self, run: StageRun, batches: dict[str, Experience]) -> list[dict[str, Experience]]:
@@ -341,6 +355,16 @@ class Trainer:
 
     def optimize(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float]) -> dict:
         """One optimizer step on this process's share of each source's global batch -> metrics reduced over processes."""
+        totals = self.accumulate(run, batches, weights)
+        grad_norm = self.clip(run)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return self.reduce_metrics(totals) | {"lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+
+    def accumulate(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float]) -> dict:
+        """Forward and backward over every micro-batch of every source: the parameters' .grad is the gradient of the
+        step's loss (synchronised over processes on the last backward) -> the step's metric parts."""
         acc = self.accelerator
         norms = self.global_normalizers(run, batches, weights)
         work = [(source, mb) for source in SOURCES if source in batches
@@ -354,11 +378,26 @@ class Trainer:
                 self.backward(loss * acc.num_processes, last=last)   # DDP/ZeRO average over processes
             for k, v in parts.items():
                 totals[k] = v if k not in totals else _combine(reduction(k), totals[k], v)
-        grad_norm = self.clip(run)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        return self.reduce_metrics(totals) | {"lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        return totals
+
+    def meta_gradient(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float],
+                      validation: str) -> dict[str, float]:
+        """<grad L_val, grad L_k> for each weighted objective k on this step's experience, before the update; L_val is
+        objective `validation` on a batch of held-out demonstrations (the stage's eval data). Gradients are the
+        global ones (averaged over processes by the same backward as training)."""
+        def gradient(b: dict[str, Experience], name: str) -> torch.Tensor:
+            self.accumulate(run, b, {name: 1.0})
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+            run.optimizer.zero_grad(set_to_none=True)
+            return flat
+
+        g_val = gradient({"demos": run.validation.next_batch()}, validation)          # grad L_val
+        out = {}
+        for name in weights:
+            source = run.objectives[name].source
+            out[name] = float(g_val @ gradient({source: batches[source]}, name))        # <grad L_val, grad L_k>
+        return out
 
     def micro_loss(self, run: StageRun, source: str, mb: Experience, norms: dict, weights: dict[str, float]
                    ) -> tuple[torch.Tensor, dict]:
@@ -473,6 +512,8 @@ class Trainer:
                 self.state.extras["rollout"] = run.rollouts.state_dict()
             if run.demos is not None:
                 self.state.extras["demos"] = run.demos.state_dict()
+            if run.validation is not None:
+                self.state.extras["validation"] = run.validation.state_dict()
             ckpt.save(self.accelerator, self.run_dir, self.state, run.cfg.train.keep_checkpoints)
 
     def export_final(self) -> Path:

@@ -301,7 +301,7 @@ def test_recipe_errors_name_the_stage(tiny_model_dir, tmp_path, toy):
     with pytest.raises(ConfigError, match=r"stages\.0\.mixer: names objective 'dft'"):
         parse_recipe(unknown, "r.yaml")
     unknown["stages"][0]["mixer"] = {"name": "cord"}
-    with pytest.raises(ConfigError, match=r"stages\.0\.mixer\.name: unknown mixer 'cord'; registered: chord, constant"):
+    with pytest.raises(ConfigError, match=r"stages\.0\.mixer\.name: unknown mixer 'cord'; registered: amft, chord, constant, relift, sasr"):
         parse_recipe(unknown, "r.yaml")
     unknown["stages"][0]["mixer"] = {"name": "chord", "rl": "luffy", "mu": 1.5}
     with pytest.raises(ConfigError, match=r"stages\.0\.mixer\.mu: must stay within \[0, 1\]"):
@@ -484,7 +484,7 @@ def test_tiny_hybrid_recipe_runs_and_logs_its_mechanism(name, tiny_model_dir, tm
         assert key in rows[-1] and math.isfinite(rows[-1][key]), key
 
 
-@pytest.mark.parametrize("name", ["luffy", "prefix_rft", "chord", "uft"])
+@pytest.mark.parametrize("name", ["luffy", "prefix_rft", "chord", "uft", "sasr", "amft", "srft", "relift"])
 def test_gsm8k_hybrid_recipe_runs_offline(name, tiny_model_dir, tmp_path, gsm8k_dir):
     """Each GSM8K hybrid recipe as written (its columns, verifier, mixer), with the tiny model, the local GSM8K files
     and sizes shrunk to one step."""
@@ -492,10 +492,14 @@ def test_gsm8k_hybrid_recipe_runs_offline(name, tiny_model_dir, tmp_path, gsm8k_
         f"data.source={gsm8k_dir / 'train.jsonl'}", "data.limit=8", "data.max_length=1024", "model.dtype=float32",
         "model.gradient_checkpointing=false", "model.precision=fp32", "train.micro_batch_size=8", "train.batch_size=4",
         "train.save_every=0", "stages.0.train.steps=1", "stages.0.train.epochs=null", "stages.0.train.eval_every=0",
-        "eval.data=null", "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=400",
+        "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=400",
         "rollout.mini_batch_size=null", "rollout.engine_args.batch_size=16"]
-    if name == "chord":
-        overrides.append("stages.0.train.batch_size=4")
+    overrides += {"chord": ["stages.0.train.batch_size=4"], "sasr": ["stages.0.train.batch_size=4",
+                  "stages.0.mixer.warmup_steps=0"], "amft": ["stages.0.train.batch_size=4", "stages.0.mixer.warmup_steps=0",
+                  "stages.0.mixer.entropy_lr=0", "stages.0.mixer.meta_every=1", f"eval.data.source={gsm8k_dir / 'test.jsonl'}",
+                  "eval.data.limit=8", "eval.num_samples=2", "eval.max_new_tokens=8"],
+                  "relift": ["stages.0.mixer.buffer_size=2"]}.get(name, [])
+    overrides += [] if name == "amft" else ["eval.data=null"]
     train(load_recipe(REPO / "recipes/gsm8k" / f"qwen2.5-0.5b-{name}.yaml", overrides))
     rows = [r for r in read_metrics(tmp_path / name) if "loss" in r]
     assert len(rows) == 1 and math.isfinite(rows[0]["loss"]) and "reward/gsm8k/mean" in rows[0]

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.configlib import field_doc, require
-from posttrain.mixers.base import MixerConfig, register_mixer
+from posttrain.mixers.base import MixerConfig, MixPlan, StepReport, register_mixer
 from posttrain.schedules import Schedule, schedule_value
 
 
@@ -55,12 +55,15 @@ class Chord:
     def mu(self, step: int) -> float:
         return schedule_value(self.config.mu, step)
 
-    def plan(self, step: int) -> dict[str, float]:
+    def plan(self, step: int) -> MixPlan:
         mu, c = self.mu(step), self.config
-        return self.weights | {c.rl: (1.0 - mu) * self.weights[c.rl], c.sft: mu * self.weights[c.sft]}
+        return MixPlan(self.weights | {c.rl: (1.0 - mu) * self.weights[c.rl], c.sft: mu * self.weights[c.sft]})
 
-    def observe(self, step: int, metrics: dict[str, float]) -> None:
+    def observe(self, step: int, report: StepReport) -> None:
         pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}                                 # the weights are logged as mix/<objective>
 
     def state_dict(self) -> dict:
         return {}                                 # mu is a function of the step alone

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from posttrain.mixers.base import MixerConfig, register_mixer
+from posttrain.mixers.base import MixerConfig, MixPlan, StepReport, register_mixer
 
 
 @dataclass(frozen=True)
@@ -16,11 +16,14 @@ class Constant:
     def __init__(self, config: ConstantConfig, weights: dict[str, float], seed: int):
         self.config, self.weights = config, weights
 
-    def plan(self, step: int) -> dict[str, float]:
-        return dict(self.weights)
+    def plan(self, step: int) -> MixPlan:
+        return MixPlan(dict(self.weights))
 
-    def observe(self, step: int, metrics: dict[str, float]) -> None:
+    def observe(self, step: int, report: StepReport) -> None:
         pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict:
         return {}

@@ -61,6 +61,10 @@ class GRPOConfig(ObjectiveConfig):
         False, "drop groups whose rewards are all equal and sample more (DAPO; done by the experience builder)")
     max_sampling_rounds: int = field_doc(8, "dynamic sampling: at most this many generation rounds per batch")
     entropy_metric: bool = field_doc(True, "log the policy entropy of the loss tokens (a no-grad pass over the logits)")
+    median_split: bool = field_doc(
+        False, "SASR's G+ / G- token split (from a review of arXiv 2505.13026, UNVERIFIED: the paper's use of it is not "
+               "known): re-centre the advantages on their median over the batch's tokens, so the tokens above it (G+) "
+               "are pushed up and the rest (G-) down")
 
     def check(self) -> None:
         check_policy_gradient(self)
@@ -71,7 +75,8 @@ class GRPOConfig(ObjectiveConfig):
 
     @property
     def advantage_params(self) -> AdvantageParams:
-        return AdvantageParams(std_eps=self.std_eps, std_unbiased=self.std_unbiased, whiten=self.whiten_advantages)
+        return AdvantageParams(std_eps=self.std_eps, std_unbiased=self.std_unbiased, whiten=self.whiten_advantages,
+                               median_center=self.median_split)
 
 
 def check_policy_gradient(c) -> None:

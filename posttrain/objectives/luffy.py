@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ from posttrain.objectives.grpo import GRPOConfig, grpo_plan
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy
 from posttrain.rl.metrics import policy_metrics, token_mean
-from posttrain.rl.surrogate import advantages, clipped_surrogate, truncated_is_weight
+from posttrain.rl.surrogate import Surrogate, advantages, clipped_surrogate, truncated_is_weight
 from posttrain.sources.plan import RolloutPlan
 
 
@@ -81,25 +82,39 @@ class LUFFY:
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         c = self.config
-        demo = exp.source[:, 1:] == DEMO                                             # [B, L] demonstration tokens
         sampled = exp.target_mask * (exp.source[:, 1:] == POLICY)                    # [B, L] sampled loss tokens
-        logp = out.logprobs                                                          # [B, L] log pi(o_t|s_t)
-        adv = advantages(exp)                                                        # [B, L] A_i
-        old = exp.old_logprobs if exp.old_logprobs is not None else logp.detach()    # [B, L] log pi_old
-        ratio = torch.exp(logp - old)                                                # [B, L] r
-        eps = (c.eps_low, c.eps_high) if c.clip_policy else (math.inf, math.inf)
-        pg = clipped_surrogate(ratio, adv, *eps, c.dual_clip if c.clip_policy else None)   # -r A (or clipped)
-        on_policy = pg.loss
-        if c.is_cap is not None and exp.sampler_logprobs is not None:
-            on_policy = truncated_is_weight(old, exp.sampler_logprobs, c.is_cap) * on_policy   # NaN -> w = 1 on demos
-        p = logp.exp()                                                               # [B, L] pi(o_t|s_t), with grad
-        loss = torch.where(demo, -adv * shaped(p, c.gamma), on_policy)               # [B, L]
+        mixed = mixed_policy_loss(c, out, exp)
         bonus = c.entropy_coef > 0
-        metrics = policy_metrics(pg, ratio, out.logits if c.entropy_metric and not bonus else None, sampled)
-        demo_mask = exp.target_mask * demo                                           # [B, L]
-        metrics |= {"demo/prob": token_mean(p, demo_mask), "demo/shaping": token_mean(shaped(p, c.gamma), demo_mask)}
+        metrics = policy_metrics(mixed.surrogate, mixed.ratio, out.logits if c.entropy_metric and not bonus else None,
+                                 sampled) | mixed.metrics
         if not bonus:
-            return {"loss": loss}, metrics
+            return {"loss": mixed.loss}, metrics
         entropy = policy_entropy(out.logits)                                         # [B, L] H, with grad
         metrics["entropy"] = token_mean(entropy, sampled)
-        return {"loss": loss, "entropy": -c.entropy_coef * entropy}, metrics
+        return {"loss": mixed.loss, "entropy": -c.entropy_coef * entropy}, metrics
+
+
+class MixedPolicyLoss(NamedTuple):
+    loss: Tensor          # [B, L] -A f(p) on demonstration tokens, w * -A r (or clipped) on sampled tokens
+    surrogate: Surrogate  # the sampled tokens' clip bookkeeping
+    ratio: Tensor         # [B, L] r = pi / pi_old
+    metrics: dict         # demo/prob, demo/shaping
+
+
+def mixed_policy_loss(c: LUFFYConfig, out: PolicyOutput, exp: Experience, weight: Tensor | None = None) -> MixedPolicyLoss:
+    """LUFFY's per-token loss (the equations above); `weight` [B, L] multiplies the sampled tokens' term (SRFT)."""
+    demo = exp.source[:, 1:] == DEMO                                             # [B, L] demonstration tokens
+    logp = out.logprobs                                                          # [B, L] log pi(o_t|s_t)
+    adv = advantages(exp)                                                        # [B, L] A_i
+    old = exp.old_logprobs if exp.old_logprobs is not None else logp.detach()    # [B, L] log pi_old
+    ratio = torch.exp(logp - old)                                                # [B, L] r
+    eps = (c.eps_low, c.eps_high) if c.clip_policy else (math.inf, math.inf)
+    pg = clipped_surrogate(ratio, adv, *eps, c.dual_clip if c.clip_policy else None)   # -r A (or clipped)
+    on_policy = pg.loss if weight is None else weight * pg.loss
+    if c.is_cap is not None and exp.sampler_logprobs is not None:
+        on_policy = truncated_is_weight(old, exp.sampler_logprobs, c.is_cap) * on_policy   # NaN -> w = 1 on demos
+    p = logp.exp()                                                               # [B, L] pi(o_t|s_t), with grad
+    loss = torch.where(demo, -adv * shaped(p, c.gamma), on_policy)               # [B, L]
+    demo_mask = exp.target_mask * demo                                           # [B, L]
+    metrics = {"demo/prob": token_mean(p, demo_mask), "demo/shaping": token_mean(shaped(p, c.gamma), demo_mask)}
+    return MixedPolicyLoss(loss, pg, ratio, metrics)

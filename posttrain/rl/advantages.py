@@ -37,6 +37,7 @@ class AdvantageParams:
     gamma: float = 1.0            # GAE discount
     lam: float = 0.95             # GAE lambda
     whiten: bool = False          # whiten the advantages over the whole batch, all processes, afterwards
+    median_center: bool = False   # then subtract the token median over the whole batch (SASR's G+ / G- split)
 
 
 @dataclass
@@ -56,7 +57,30 @@ def compute_advantages(name: str, params: AdvantageParams, x: AdvantageInputs) -
     adv, returns = ADVANTAGES.get(name)(x, params)
     if params.whiten:
         adv = whiten(adv, x.mask, x.reduce, unbiased=params.std_unbiased)
+    if params.median_center:
+        adv = (adv - token_median(adv, x.mask, x.reduce)) * x.mask.to(adv.dtype)
     return adv, returns
+
+
+def token_median(adv: Tensor, mask: Tensor, reduce: Any = None) -> float:
+    """The median of the advantages of all loss tokens of the batch, every process included (a lower median).
+
+    The rows of an outcome estimator carry one advantage on all their tokens, so this is the median of the per-row
+    advantages weighted by the rows' token counts. Needs the rows of every process: `reduce` an accelerate
+    Accelerator (its gather), or None for one process."""
+    m = mask.to(torch.float64)
+    counts = m.sum(-1)                                                     # [B] tokens per row
+    first = (m.cumsum(-1) == 1) & (m > 0)                                  # [B, L] each row's first loss token
+    values = (adv.to(torch.float64) * first).sum(-1)                       # [B] the row's advantage
+    if reduce is not None:
+        if not hasattr(reduce, "gather"):
+            raise ValueError("token_median needs the accelerate Accelerator to gather every process's rows")
+        values, counts = reduce.gather(values), reduce.gather(counts)
+    order = torch.argsort(values, stable=True)
+    cum = counts[order].cumsum(0)                                          # tokens up to each sorted row
+    if cum.numel() == 0 or float(cum[-1]) == 0:
+        return 0.0
+    return float(values[order][torch.searchsorted(cum, cum[-1] / 2)])      # first row reaching half the tokens
 
 
 # ------------------------------------------------------------------------------------------ outcome estimators

@@ -19,12 +19,25 @@ class DemoBuilder:
         self.rank, self.world = rank, world
         self.sampler = EpochSampler(len(items), seed)
         self.cursor = 0                                            # global position of the next batch
+        self.by_row = {item.row: i for i, item in enumerate(items)}   # data row -> item
 
     def next_batch(self) -> Experience:
         per_rank = self.batch_size // self.world
         idx = self.sampler.indices(self.cursor + self.rank * per_rank, per_rank)
         self.cursor += self.batch_size
         return collate_demos([self.items[i] for i in idx], self.pad_id)
+
+    def rows(self, rows: tuple[int, ...]) -> Experience:
+        """This process's contiguous share of the demonstrations of data rows `rows` (a mixer's choice: ReLIFT's
+        buffer); rows whose demonstration was dropped as over-long are skipped on every process alike."""
+        known = [self.by_row[r] for r in rows if r in self.by_row]
+        if len(known) % self.world:
+            known = known[: len(known) - len(known) % self.world]      # equal shares on every process
+        if not known:
+            raise ValueError(f"none of the {len(rows)} demonstration rows asked for is in the data set")
+        per_rank = len(known) // self.world
+        return collate_demos([self.items[i] for i in known[self.rank * per_rank : (self.rank + 1) * per_rank]],
+                             self.pad_id)
 
     def mini_batches(self, exp: Experience, k: int) -> list[Experience]:
         """k optimizer steps' worth: rows i, i + k, i + 2k, ... (the same global split for any number of processes

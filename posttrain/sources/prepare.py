@@ -22,6 +22,7 @@ class StageData:
     demos: list[Tokenized] | None = None      # demonstrations (when a demonstration objective is in the stage)
     prompts: list[Prompt] | None = None       # rollout prompts (when a rollout objective is in the stage)
     plan: RolloutPlan | None = None           # the stage's rollout plan
+    validation: list[Tokenized] | None = None  # held-out demonstrations (a mixer's meta-gradient): eval data
     stats: dict = field(default_factory=dict)  # logged as data/<key> when the stage starts
 
     def reads(self, source: str) -> bool:
@@ -46,6 +47,13 @@ def prepare_stage(recipe, index: int, tokenizer, world: int) -> StageData:
                                            f"{where}.{key}")
         data.stats |= _demo_stats(stats, "" if data.prompts is None else "demos/")
         _check_demo_split(recipe, index, world, data)
+    if stage.mixer.needs_validation():
+        if stage.eval.data is None:
+            raise ConfigError(f"{recipe.source}: stages.{index}.eval.data: mixer {stage.mixer.name!r} measures a "
+                              "meta-gradient on held-out demonstrations; give the stage eval data with completions")
+        rows, columns = load_rows(stage.eval.data, f"{where}.eval.data")
+        data.validation, _ = tokenize_demos(to_examples(rows, columns, stage.eval.data, f"{where}.eval.data"),
+                                            tokenizer, stage.eval.data, f"{where}.eval.data")
     return data
 
 

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from posttrain.configlib import ConfigError
 from posttrain.data import EpochSampler, Example, demo_completion_ids
-from posttrain.experience import DEMO, POLICY, PREFIX, PROMPT, Experience, pad_right
+from posttrain.experience import DEMO, POLICY, PREFIX, PROMPT, Experience, GroupOutcome, pad_right
 from posttrain.policy import forward
 from posttrain.rewarding import Reward, RewardBatch, reward_metrics, score_batch
 from posttrain.rl.advantages import AdvantageInputs, compute_advantages, token_rewards
@@ -67,6 +67,7 @@ class Prompt:
     columns: dict[str, Any]     # raw columns by name (plus `answer` when mapped)
     demo: str | None = None     # the demonstration text (only when the plan reads demonstrations)
     demo_ids: list[int] | None = None   # its response tokens, through the end-of-turn token
+    row: int = 0                # index of the example in its data set (the same row its demonstration has)
 
 
 def rollout_prompts(examples: list[Example], rows: list[dict], columns: dict[str, str], tokenizer,
@@ -77,14 +78,14 @@ def rollout_prompts(examples: list[Example], rows: list[dict], columns: dict[str
     role = next((columns[r] for r in ("messages", "prompt") if r in columns),
                 next((r for r in ("messages", "prompt") if r in rows[0]), None))
     out = []
-    for ex, row, p in zip(examples, rows, ids):
+    for i, (ex, row, p) in enumerate(zip(examples, rows, ids)):
         if len(p) > max_length:
             continue
         chat = isinstance(row.get(role), list)
         cols = {k: v for k, v in ex.columns.items() if k not in NOT_REWARD_COLUMNS}
         demo_ids = demo_completion_ids(tokenizer, ex.prompt, ex.completion) if demos else None
         out.append(Prompt(p, ex.prompt if chat else row.get(role), chat, cols, ex.completion if demos else None,
-                          demo_ids))
+                          demo_ids, i))
     return out, len(examples) - len(out)
 
 
@@ -153,6 +154,7 @@ class RolloutBuilder:
         self.cursor = 0                                           # global prompt position of the next round
         self.step = 0                                             # stage step of the batch being built (schedules)
         self.log = StepLog()
+        self.outcomes: list[GroupOutcome] = []                    # the last batch's groups, all processes
 
     @property
     def reuses_batch(self) -> bool:
@@ -169,6 +171,7 @@ class RolloutBuilder:
         the step's metrics. `policy` is the unwrapped module (no-grad teacher forcing); `ref` the frozen reference."""
         self.log, self.step = StepLog(), step
         samples = self.fill() if self.plan.dynamic_sampling else self.sample_round()
+        self.outcomes = self.group_outcomes(samples)
         exp = self.collate(samples)
         started = time.perf_counter()
         entropies = self.teacher_force(exp, policy, ref)
@@ -322,6 +325,17 @@ class RolloutBuilder:
         self.log.extra |= {"sampling/rounds": float(len(rounds)), "sampling/dropped_groups": float(counts[0]),
                            "sampling/padded_groups": float(counts[1])}
         return Samples.cat(kept)
+
+    def group_outcomes(self, s: Samples) -> list[GroupOutcome]:
+        """Every group of the batch over all processes (process order): its data row and its sampled rows' rewards."""
+        group = s.group.tolist()
+        order = list(dict.fromkeys(group))                                 # groups in order of appearance
+        first = {g: group.index(g) for g in order}
+        table = torch.tensor([[float(s.rows[first[g]].prompt.row)] +
+                              [float(s.rewards[i]) for i in range(len(s.rows)) if group[i] == g and s.rows[i].kind == POLICY]
+                              for g in order], dtype=torch.float64)       # [groups, 1 + G]
+        table = self.gather(table.flatten()).view(-1, table.shape[1]) if self.world > 1 else table
+        return [GroupOutcome(int(r[0]), r[1:].tolist()) for r in table]
 
     # ------------------------------------------------------------------------------------------ experience
     def collate(self, s: Samples) -> Experience:
