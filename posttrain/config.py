@@ -83,6 +83,10 @@ class TrainConfig:
                                                 "checkpoint (the lr schedule keeps its full length; --resume from that checkpoint "
                                                 "continues the stage)")
 
+    budget_clock: Literal["wall", "cpu"] = field_doc(
+        "wall", "what max_minutes counts: wall time, or this process's CPU time (user + system), a budget that other "
+                "load on a shared machine does not eat; the stage logs it as budget/minutes")
+
     def check(self) -> None:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")

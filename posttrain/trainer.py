@@ -156,7 +156,7 @@ class Trainer:
         bar = Progress(acc.is_main_process and self.recipe.logging.progress_bar, run.total_steps, self.state.step,
                        f"{stage.name}")
         metrics: dict = {}
-        started, rewards = time.perf_counter(), []
+        started, rewards = budget_clock(stage), []
         try:
             while self.state.step < run.total_steps:
                 metrics = self.train_step(run)
@@ -164,7 +164,7 @@ class Trainer:
                     rewards.append(metrics["reward/mean"])
                 self.state.step += 1
                 self.state.global_step += 1
-                last = self.state.step == run.total_steps or self.out_of_time(stage, started)
+                last = self.out_of_time(stage, started, metrics) or self.state.step == run.total_steps
                 metrics |= self.maybe_evaluate(run, final=last)
                 if self.state.step % stage.train.log_every == 0 or last or "eval/accuracy" in metrics:
                     self.log.log({"stage": index, **metrics}, self.state.global_step)
@@ -180,12 +180,15 @@ class Trainer:
             print(reward_summary(stage.name, rewards, metrics.get("eval/accuracy")), flush=True)
         return metrics
 
-    def out_of_time(self, stage: StageConfig, started: float) -> bool:
-        """Whether the stage's `train.max_minutes` is spent; every process gets the slowest process's answer."""
+    def out_of_time(self, stage: StageConfig, started: float, metrics: dict) -> bool:
+        """Whether the stage's `train.max_minutes` is spent (by its budget clock, since `started`); every process
+        gets the slowest process's answer, logged as budget/minutes."""
         if stage.train.max_minutes is None:
             return False
-        spent = torch.tensor(time.perf_counter() - started, device=self.accelerator.device)
-        return bool(self.accelerator.reduce(spent, "max") > 60.0 * stage.train.max_minutes)
+        spent = torch.tensor(budget_clock(stage) - started, device=self.accelerator.device)
+        minutes = float(self.accelerator.reduce(spent, "max")) / 60.0
+        metrics["budget/minutes"] = minutes
+        return minutes > stage.train.max_minutes
 
     # --------------------------------------------------------------------------------------------- setup
     def setup_stage(self, stage: StageConfig) -> StageRun:
@@ -578,6 +581,11 @@ def make_scheduler(optimizer, stage: StageConfig, total_steps: int):
                    "linear": ("linear", {}), "constant": ("constant_with_warmup", {})}[s.name]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=extra)
+
+
+def budget_clock(stage: StageConfig) -> float:
+    """Seconds by the clock `train.max_minutes` counts: wall time, or this process's CPU time."""
+    return time.process_time() if stage.train.budget_clock == "cpu" else time.perf_counter()
 
 
 def reward_summary(stage: str, rewards: list[float], accuracy: float | None) -> str:
