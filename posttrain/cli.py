@@ -87,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from posttrain.config import load_recipe
-    from posttrain.trainer import train
+    from posttrain.trainer import NonFiniteError, train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    results = train(recipe, resume=args.resume)
+    try:
+        results = train(recipe, resume=args.resume)
+    except NonFiniteError as e:                     # named: the step, the objective, the micro-batch
+        print(f"posttrain: error: {e}", file=sys.stderr)
+        return 1
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if k.startswith(("eval/", "loss"))}
     print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in {recipe.output_dir}/metrics.jsonl")
     return 0

@@ -83,6 +83,10 @@ class TrainConfig:
                                                 "checkpoint (the lr schedule keeps its full length; --resume from that checkpoint "
                                                 "continues the stage)")
 
+    nonfinite: Literal["stop", "skip"] = field_doc(
+        "stop", "a NaN or inf loss or gradient: stop with an error naming the step, the objective and the micro-batch, "
+                "or skip that optimizer step (no update; counted as train/skipped_nonfinite)")
+    max_nonfinite_skips: int = field_doc(3, "with nonfinite: skip, this many consecutive skipped steps stop the run")
     budget_clock: Literal["wall", "cpu"] = field_doc(
         "wall", "what max_minutes counts: wall time, or this process's CPU time (user + system), a budget that other "
                 "load on a shared machine does not eat; the stage logs it as budget/minutes")
@@ -96,6 +100,7 @@ class TrainConfig:
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", f"must be > 0, got {self.max_minutes}")
+        require(self.max_nonfinite_skips >= 0, "max_nonfinite_skips", f"must be >= 0, got {self.max_nonfinite_skips}")
 
 
 @dataclass(frozen=True)

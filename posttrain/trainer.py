@@ -138,7 +138,7 @@ class Trainer:
                 self.state = ckpt.RunState(stage=index, global_step=self.state.global_step)
             results = self.run_stage(index, stage)
         self.export_final()
-        if getattr(self.accelerator, "deepspeed_engine_wrapped", None) is not None:
+        if self.deepspeed is not None:
             self.accelerator.free_memory()   # destroy the DeepSpeed engine before its process group goes
         self.accelerator.end_training()
         return results
@@ -316,6 +316,8 @@ class Trainer:
             raise RuntimeError(f"stage {run.cfg.name!r}: mixer {run.cfg.mixer.name!r} gave every objective weight 0 "
                                f"at step {step}; nothing to train")
         batches, metrics, synced = self.experience(run, active, plan)
+        if "rollouts" in batches:
+            self.check_advantages(run, batches["rollouts"])
         report = StepReport(metrics, run.rollouts.outcomes if "rollouts" in batches else [])
         if plan.meta_gradient is not None:
             report.val_dots = self.meta_gradient(run, batches, active, plan.meta_gradient)
@@ -333,6 +335,15 @@ class Trainer:
             metrics["epoch" if "rollouts" not in batches else "epoch/demos"] = run.demos.epoch
         run.mixer.observe(step, report)
         return metrics | run.mixer.metrics()
+
+    def check_advantages(self, run: StageRun, batch: Experience) -> None:
+        """Non-finite advantages (any process) stop the run: train.nonfinite cannot skip a batch it never trained on,
+        and the rewards that feed them are checked by the reward executor already."""
+        bad = torch.tensor(float(not bool(torch.isfinite(batch.advantages).all())), device=self.accelerator.device)
+        if float(self.accelerator.reduce(bad, "sum")) > 0:
+            raise NonFiniteError(f"stage {run.cfg.name!r} step {self.state.global_step + 1}: the rollout batch has "
+                                 "non-finite advantages (the rewards were finite: check the advantage estimator's "
+                                 "settings, e.g. std_eps 0 with tiny reward differences); nothing was trained on them")
 
     def experience(self, run: StageRun, weights: dict[str, float], plan: MixPlan
                    ) -> tuple[dict[str, Experience], dict, float]:
@@ -357,13 +368,66 @@ class Trainer:
         return [{source: mb[k] for source, mb in parts.items()} for k in range(run.minis)]
 
     def optimize(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float]) -> dict:
-        """One optimizer step on this process's share of each source's global batch -> metrics reduced over processes."""
+        """One optimizer step on this process's share of each source's global batch -> metrics reduced over processes.
+        A non-finite loss or gradient never reaches the weights (train.nonfinite: skip the step, or stop)."""
         totals = self.accumulate(run, batches, weights)
         grad_norm = self.clip(run)
+        problem = self.nonfinite(run, totals, grad_norm)
+        if problem is not None:
+            run.optimizer.zero_grad(set_to_none=True)
+            return self.reduce_metrics(totals) | self.skip(run, problem) | {"lr": run.scheduler.get_last_lr()[0],
+                                                                             "grad_norm": grad_norm}
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        return self.reduce_metrics(totals) | {"lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        self.state.extras["consecutive_nonfinite"] = 0
+        return self.reduce_metrics(totals) | {"lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                              "train/skipped_nonfinite": 0.0}
+
+    @property
+    def deepspeed(self):
+        """accelerate's DeepSpeed engine wrapper, or None."""
+        return getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+
+    def stop_if_nonfinite_before_deepspeed_step(self, run: StageRun, totals: dict) -> None:
+        """Under DeepSpeed the engine steps inside the last backward, so a step cannot be skipped afterwards: a
+        non-finite loss on any process stops the run before that backward (a non-finite gradient from finite losses
+        is DeepSpeed's to handle)."""
+        problem = self.nonfinite(run, dict(totals), 0.0)
+        if problem is not None:
+            raise NonFiniteError(f"stage {run.cfg.name!r} step {self.state.global_step + 1}: {problem}; under DeepSpeed "
+                                 "the step cannot be skipped, so the run stops before the update")
+
+    def nonfinite(self, run: StageRun, totals: dict, grad_norm: float) -> str | None:
+        """What was not finite in this optimizer step, on any process (the same answer everywhere), or None: the
+        micro-batch losses (`totals["nonfinite"]` names the first, see accumulate) and the global gradient norm."""
+        local = totals.pop("nonfinite", None)
+        flags = torch.tensor([float(local is not None), float(not math.isfinite(grad_norm))],
+                             device=self.accelerator.device)
+        flags = self.accelerator.reduce(flags, "sum")
+        if not bool(flags.any()):
+            return None
+        if local is not None:
+            return f"{local} (process {self.accelerator.process_index})"
+        if flags[0] > 0:
+            return "a non-finite loss on another process"
+        return f"a non-finite gradient (global norm {grad_norm})"
+
+    def skip(self, run: StageRun, problem: str) -> dict:
+        """train.nonfinite: stop with the error naming the step and what was not finite, or skip the update and count
+        it; train.max_nonfinite_skips consecutive skips stop the run."""
+        cfg, step = run.cfg.train, self.state.global_step + 1
+        where = f"stage {run.cfg.name!r} step {step}"
+        streak = self.state.extras.get("consecutive_nonfinite", 0) + 1
+        if cfg.nonfinite == "stop" or streak > cfg.max_nonfinite_skips:
+            why = "" if cfg.nonfinite == "stop" else f" ({streak} consecutive steps skipped; max_nonfinite_skips is " \
+                                                     f"{cfg.max_nonfinite_skips})"
+            raise NonFiniteError(f"{where}: {problem}; the update was not applied{why}")
+        self.state.extras["consecutive_nonfinite"] = streak
+        self.state.extras["skipped_nonfinite"] = self.state.extras.get("skipped_nonfinite", 0) + 1
+        if self.accelerator.is_main_process:
+            print(f"posttrain: warning: {where}: {problem}; update skipped", flush=True)
+        return {"train/skipped_nonfinite": 1.0, "train/skipped_nonfinite_total": float(self.state.extras["skipped_nonfinite"])}
 
     def accumulate(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float]) -> dict:
         """Forward and backward over every micro-batch of every source: the parameters' .grad is the gradient of the
@@ -372,12 +436,18 @@ class Trainer:
         norms = self.global_normalizers(run, batches, weights)
         work = [(source, mb) for source in SOURCES if source in batches
                 for mb in batches[source].split(run.cfg.train.micro_batch_size)]
-        totals: dict[str, torch.Tensor] = {}
+        totals: dict = {}
         for i, (source, mb) in enumerate(work):
             last = i == len(work) - 1
             sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             with sync, acc.autocast():
                 loss, parts = self.micro_loss(run, source, mb.trimmed().to(acc.device), norms, weights)
+                if "nonfinite" not in totals and not bool(torch.isfinite(loss)):
+                    bad = [k[5:] for k, v in parts.items() if k.startswith("loss/") and not bool(torch.isfinite(v))]
+                    totals["nonfinite"] = (f"a non-finite loss ({float(loss)}) in objective "
+                                           f"{', '.join(map(repr, bad)) or '?'} on {source} micro-batch {i}")
+                if last and self.deepspeed is not None:   # its last backward also steps: check every process first
+                    self.stop_if_nonfinite_before_deepspeed_step(run, totals)
                 self.backward(loss * acc.num_processes, last=last)   # DDP/ZeRO average over processes
             for k, v in parts.items():
                 totals[k] = v if k not in totals else _combine(reduction(k), totals[k], v)
@@ -457,14 +527,14 @@ class Trainer:
         """accelerate's backward, except under DeepSpeed: its engine scales by 1 / its accumulation steps and steps
         the optimizer inside every backward, so the trainer tells it which micro-batch ends the optimizer step (the
         engine then clips, steps and zeroes the gradients; optimizer.step / zero_grad are no-ops there)."""
-        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        engine = self.deepspeed
         if engine is None:
             self.accelerator.backward(loss)
         else:
             engine.backward(loss, sync_gradients=last)
 
     def clip(self, run: StageRun) -> float:
-        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        engine = self.deepspeed
         if engine is not None:                                        # DeepSpeed clipped in its step (its config)
             norm = engine.get_global_grad_norm()
             return float(norm) if norm is not None else math.nan
@@ -542,6 +612,10 @@ def combine_updates(updates: list[dict]) -> dict:
         out[k] = values[-1] if k == "lr" else min(values) if kind == "min" else max(values) if kind == "max" \
             else sum(values) / len(values)
     return out
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in a loss, a gradient or the advantages, with the step and where it was found."""
 
 
 def objective_terms(name: str, objective, result) -> dict:
