@@ -28,7 +28,8 @@ from torch import Tensor
 from posttrain.configlib import field_doc, require
 from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
-from posttrain.objectives.dft import dft_per_token, masked_mean
+from posttrain.objectives.dft import dft_per_token
+from posttrain.ops.masked import masked_mean
 from posttrain.ops.logprobs import full_vocab_kl
 from posttrain.policy import PolicyOutput
 

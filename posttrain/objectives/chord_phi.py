@@ -17,7 +17,7 @@ from torch import Tensor
 from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.policy import PolicyOutput
-from posttrain.rl.metrics import token_mean
+from posttrain.ops.masked import masked_mean
 
 
 @dataclass(frozen=True)
@@ -38,4 +38,4 @@ class ChordPhi:
         log_p = out.logprobs                              # [B, L] log pi(y*_t | s_t)
         p = log_p.detach().exp()                          # [B, L] sg(p_t)
         phi = p * (1.0 - p)                               # [B, L] sg(p (1 - p))
-        return -phi * log_p, {"phi": token_mean(phi, exp.target_mask), "nll": token_mean(-log_p, exp.target_mask)}
+        return -phi * log_p, {"phi": masked_mean(phi, exp.target_mask), "nll": masked_mean(-log_p, exp.target_mask)}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from posttrain.experience import DEMO, Experience
+from posttrain.ops.masked import masked_mean
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.policy import PolicyOutput
 
@@ -34,11 +35,6 @@ def dft_per_token(log_p: Tensor) -> Tensor:
     """-sg(p) log p per token, from log p [B, L] (float32) -> [B, L]. Shared with ASFT (one formula)."""
     p = log_p.detach().exp()  # [B, L] sg(p_t)
     return -p * log_p         # [B, L] -sg(p_t) log p_t
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Detached mean of a per-token quantity [B, L] over this micro-batch's loss tokens (for metrics) -> []."""
-    return (x.detach() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 @register_objective("dft", DFTConfig)

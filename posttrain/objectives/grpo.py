@@ -32,7 +32,8 @@ from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.policy import PolicyOutput
 from posttrain.rl.advantages import ADVANTAGES, AdvantageParams
 from posttrain.rl.kl import KL_ESTIMATORS, kl_estimate
-from posttrain.rl.metrics import policy_metrics, token_mean
+from posttrain.ops.masked import masked_mean
+from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import policy_gradient
 from posttrain.sources.plan import RolloutPlan
 
@@ -146,6 +147,6 @@ def grpo_loss(c: GRPOConfig, out: PolicyOutput, exp: Experience, mask: Tensor) -
     if exp.ref_logprobs is not None:
         kl = kl_estimate(logp, exp.ref_logprobs, c.kl_estimator)                 # [B, L] k(z)
         loss = loss + c.beta * kl if kl_in_loss else loss                        # + beta k(z)
-        metrics["kl"] = token_mean(kl, mask)
+        metrics["kl"] = masked_mean(kl, mask)
     metrics |= policy_metrics(pg.surrogate, pg.ratio, out.logits if c.entropy_metric else None, mask)
     return loss, metrics

@@ -35,7 +35,8 @@ from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_plan
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy
-from posttrain.rl.metrics import policy_metrics, token_mean
+from posttrain.ops.masked import masked_mean
+from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import Surrogate, advantages, clipped_surrogate, truncated_is_weight
 from posttrain.sources.plan import RolloutPlan
 
@@ -90,7 +91,7 @@ class LUFFY:
         if not bonus:
             return {"loss": mixed.loss}, metrics
         entropy = policy_entropy(out.logits)                                         # [B, L] H, with grad
-        metrics["entropy"] = token_mean(entropy, sampled)
+        metrics["entropy"] = masked_mean(entropy, sampled)
         return {"loss": mixed.loss, "entropy": -c.entropy_coef * entropy}, metrics
 
 
@@ -116,5 +117,5 @@ def mixed_policy_loss(c: LUFFYConfig, out: PolicyOutput, exp: Experience, weight
     p = logp.exp()                                                               # [B, L] pi(o_t|s_t), with grad
     loss = torch.where(demo, -adv * shaped(p, c.gamma), on_policy)               # [B, L]
     demo_mask = exp.target_mask * demo                                           # [B, L]
-    metrics = {"demo/prob": token_mean(p, demo_mask), "demo/shaping": token_mean(shaped(p, c.gamma), demo_mask)}
+    metrics = {"demo/prob": masked_mean(p, demo_mask), "demo/shaping": masked_mean(shaped(p, c.gamma), demo_mask)}
     return MixedPolicyLoss(loss, pg, ratio, metrics)

@@ -32,7 +32,7 @@ from torch import Tensor
 from posttrain.configlib import field_doc, require
 from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
-from posttrain.objectives.dft import masked_mean
+from posttrain.ops.masked import masked_mean
 from posttrain.ops.logprobs import sample_tokens, selective_log_softmax
 from posttrain.policy import PolicyOutput
 

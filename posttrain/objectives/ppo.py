@@ -26,7 +26,8 @@ from posttrain.objectives.grpo import GRPOConfig, check_policy_gradient
 from posttrain.policy import PolicyOutput
 from posttrain.rl.advantages import AdvantageParams
 from posttrain.rl.kl import kl_estimate
-from posttrain.rl.metrics import policy_metrics, token_mean
+from posttrain.ops.masked import masked_mean
+from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import policy_gradient
 from posttrain.sources.plan import RolloutPlan
 
@@ -88,8 +89,8 @@ class PPO:
         value = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)              # [B, L] clipped value loss
         loss = pg.loss + c.vf_coef * value                                           # [B, L]
         metrics |= policy_metrics(pg.surrogate, pg.ratio, out.logits if c.entropy_metric else None, mask)
-        metrics |= {"vf_loss": token_mean(value, mask), "value/mean": token_mean(v, mask),
-                    "vf_clip_frac": token_mean((v - ret) ** 2 < (v_clipped - ret) ** 2, mask)}
+        metrics |= {"vf_loss": masked_mean(value, mask), "value/mean": masked_mean(v, mask),
+                    "vf_clip_frac": masked_mean((v - ret) ** 2 < (v_clipped - ret) ** 2, mask)}
         if exp.ref_logprobs is not None:
-            metrics["kl"] = token_mean(kl_estimate(logp, exp.ref_logprobs, c.kl_estimator), mask)
+            metrics["kl"] = masked_mean(kl_estimate(logp, exp.ref_logprobs, c.kl_estimator), mask)
         return loss, metrics

@@ -39,7 +39,8 @@ from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_plan
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy
-from posttrain.rl.metrics import policy_metrics, token_mean
+from posttrain.ops.masked import masked_mean
+from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import advantages, clipped_surrogate, policy_gradient
 from posttrain.schedules import Schedule
 from posttrain.sources.guidance import PrefixSampling
@@ -107,5 +108,5 @@ class PrefixRFT:
         if not bonus:
             return {"loss": loss}, metrics
         entropy = policy_entropy(out.logits)                                         # [B, L] H, with grad
-        metrics["entropy"] = token_mean(entropy, mask)
+        metrics["entropy"] = masked_mean(entropy, mask)
         return {"loss": loss, "entropy": -c.entropy_coef * entropy}, metrics

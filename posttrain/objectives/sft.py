@@ -17,7 +17,7 @@ from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, Term, register_objective, terms
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy, token_entropy
-from posttrain.rl.metrics import token_mean
+from posttrain.ops.masked import masked_mean
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,9 @@ class SFT:
         log_p = out.logprobs   # [B, L] log pi(y*_t | s_t)
         loss = -log_p          # [B, L] per-token NLL
         if self.config.entropy_coef == 0:
-            metrics = {"entropy": token_mean(token_entropy(out.logits), exp.target_mask)} \
+            metrics = {"entropy": masked_mean(token_entropy(out.logits), exp.target_mask)} \
                 if self.config.entropy_metric else {}
             return loss, metrics
         entropy = policy_entropy(out.logits)                                          # [B, L] H, with grad
         return {"loss": loss, "entropy": -self.config.entropy_coef * entropy}, \
-            {"entropy": token_mean(entropy, exp.target_mask)}
+            {"entropy": masked_mean(entropy, exp.target_mask)}

@@ -29,7 +29,8 @@ from posttrain.objectives.luffy import LUFFYConfig, mixed_policy_loss
 from posttrain.objectives.grpo import grpo_plan
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy, token_entropy
-from posttrain.rl.metrics import policy_metrics, token_mean
+from posttrain.ops.masked import masked_mean
+from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import advantages
 from posttrain.sources.plan import RolloutPlan
 
@@ -85,8 +86,8 @@ class SRFT:
         w_sft = sft_weight(entropy, c.sft_coef, c.sft_entropy_sign)                  # [B, L] w_SFT
         losses = {"loss": mixed.loss, "sft": -w_sft * out.logprobs}                  # ..., w_SFT * -log pi
         metrics = policy_metrics(mixed.surrogate, mixed.ratio, None, sampled) | mixed.metrics | {
-            "entropy": token_mean(entropy, sampled), "srft/sft_weight": token_mean(w_sft, demo),
-            "srft/rl_weight": token_mean(w_rl, sampled)}
+            "entropy": masked_mean(entropy, sampled), "srft/sft_weight": masked_mean(w_sft, demo),
+            "srft/rl_weight": masked_mean(w_rl, sampled)}
         if bonus:
             losses["entropy"] = -c.entropy_coef * entropy
         return losses, metrics

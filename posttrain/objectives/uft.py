@@ -30,7 +30,7 @@ from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_loss, grpo_plan
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy
-from posttrain.rl.metrics import token_mean
+from posttrain.ops.masked import masked_mean
 from posttrain.schedules import Schedule
 from posttrain.sources.guidance import HintSampling
 from posttrain.sources.plan import RolloutPlan
@@ -84,7 +84,7 @@ class UFT:
         if c.entropy_coef > 0:
             entropy = policy_entropy(out.logits)                                     # [B, L] H, with grad
             loss = loss - c.entropy_coef * entropy                                   # - c_H H
-            metrics["entropy"] = token_mean(entropy, policy)
+            metrics["entropy"] = masked_mean(entropy, policy)
         nll = -out.logprobs                                                          # [B, L] -log pi(h_t | s_t)
-        metrics["hint/nll"] = token_mean(nll, hint)
+        metrics["hint/nll"] = masked_mean(nll, hint)
         return {"loss": loss, "hint": c.hint_coef * nll}, metrics

@@ -1,35 +1,23 @@
-"""Detached per-micro-batch statistics the policy-gradient objectives log (token means over the loss tokens, as the
-trainer expects: it weights each micro-batch's value by its share of the step's tokens). No device sync."""
+"""The policy-gradient objectives' metrics: clip fractions, the ratio, the surrogate loss, the entropy (token means
+over the loss tokens, ops/masked.py)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from typing import TYPE_CHECKING
 
+from posttrain.ops.masked import masked_mean
 from posttrain.rl.kl import token_entropy
 
 if TYPE_CHECKING:
     from posttrain.rl.surrogate import Surrogate
 
 
-def token_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """sum(x m) / sum(m) over this micro-batch, detached.   [B, L], [B, L] -> []"""
-    return (x.detach().float() * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def masked_stats(name: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """min / mean / max of x [B, L] over the loss tokens."""
-    x, on = x.detach().float(), mask > 0
-    return {f"{name}/min": torch.where(on, x, torch.inf).amin(), f"{name}/mean": token_mean(x, mask),
-            f"{name}/max": torch.where(on, x, -torch.inf).amax()}
-
-
 def policy_metrics(pg: Surrogate, ratio: Tensor, logits: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
     """Clip fractions (low / high / dual), mean ratio and surrogate loss, and the policy entropy if logits are given."""
-    m = {"clip_ratio/low": token_mean(pg.clipped_low, mask), "clip_ratio/high": token_mean(pg.clipped_high, mask),
-         "clip_ratio/dual": token_mean(pg.clipped_dual, mask), "ratio/mean": token_mean(ratio, mask),
-         "pg_loss": token_mean(pg.loss, mask)}
+    m = {"clip_ratio/low": masked_mean(pg.clipped_low, mask), "clip_ratio/high": masked_mean(pg.clipped_high, mask),
+         "clip_ratio/dual": masked_mean(pg.clipped_dual, mask), "ratio/mean": masked_mean(ratio, mask),
+         "pg_loss": masked_mean(pg.loss, mask)}
     if logits is not None:
-        m["entropy"] = token_mean(token_entropy(logits), mask)
+        m["entropy"] = masked_mean(token_entropy(logits), mask)
     return m

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from posttrain.rl.metrics import masked_stats
+from posttrain.ops.masked import masked_stats
 
 
 class Surrogate(NamedTuple):
