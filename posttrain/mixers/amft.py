@@ -2,7 +2,7 @@
 
     L = (1 - mu) L_RL + mu L_SFT
 
-with mu moved by a controller after an SFT warm-up. What was taken from where (docs/provenance.md):
+with mu moved by a controller after an SFT warm-up. What was taken from where (docs/hybrids.md):
 - the paper (withdrawn; its arXiv v3 comment cites "concerns of potential academic misconduct") for the form of L and
   the two signals; nothing of its reported results is relied on;
 - the public code (TSYJ-He/AMFT@0e030f4, src/trainer/adaptive_weight_controller.py, configs/main_config.yaml; its RL
@@ -14,7 +14,7 @@ with mu moved by a controller after an SFT warm-up. What was taken from where (d
 
       dL_val(theta') / dmu = -alpha < grad L_val, g_SFT - g_RL >
 
-  and the code ADDS that to mu, which ascends the validation loss (reference/hybrids.md section 3). Here mu descends it:
+  and the code ADDS that to mu, which ascends the validation loss (docs/hybrids.md). Here mu descends it:
 
       warm-up (W steps):  mu = 1 (SFT only); H* = mean sft/entropy of the last `target_steps` warm-up steps
       then, each step:    mu <- clip( mu + eta_H (H* - H_t) - eta_m dL_val/dmu, mu_min, mu_max )

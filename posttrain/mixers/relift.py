@@ -3,7 +3,7 @@
     each RL step:   every prompt whose G sampled rollouts all fail (reward <= threshold) puts its row in a buffer
     when the buffer holds N rows:   the next step is an SFT step on the oldest N rows' demonstrations (no rollouts)
 
-Followed: the authors' code (TheRoadQaQ/ReLIFT@eb95454, relift/verl/verl/relift/; reference/hybrids.md section 7):
+Followed: the authors' code (TheRoadQaQ/ReLIFT@eb95454, relift/verl/verl/relift/; docs/hybrids.md):
 the buffer of failed prompts (trainer.py L436-452: one item per prompt whose 8 rollouts all fail), the SFT pass on the
 oldest `sft_data_size` items once the buffer holds them (L514-533), its loss token-mean NLL - 0.001 H (the `sft`
 objective with entropy_coef 0.001), the RL side LUFFY-style GRPO without std or clip, Dr. GRPO's normaliser (the

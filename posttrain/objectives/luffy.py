@@ -13,7 +13,7 @@
 The gradient of the shaped term is -A gamma p / (p + gamma)^2 grad log p: it vanishes for demonstration tokens the
 policy already finds likely (p >> gamma) and for ones it finds very unlikely, and is largest near p = gamma.
 
-Followed: the authors' code (ElliottYan/LUFFY@01f4ae0, luffy/verl/verl/mix_src/; reference/hybrids.md section 4) where
+Followed: the authors' code (ElliottYan/LUFFY@01f4ae0, luffy/verl/verl/mix_src/; docs/hybrids.md) where
 the paper is silent or differs: one full demonstration + EOS per group (n_prefix = 1, ratio 1); `grpo` advantages
 with grpo_use_std = False over all 8 rows; `off_policy_reshape = p_div_p_0.1` (f above, gamma 0.1);
 `loss_remove_clip = True` (the on-policy ratio unclipped: clip_policy false here); `loss_remove_token_mean = True`

@@ -12,7 +12,7 @@
     entropy    the floor(rho(s) N) lowest-entropy prefix tokens of the rollout batch get A = 0 (only the
     selection  high-entropy demonstration tokens teach; the continuation is untouched)
 
-Followed: the authors' code (ZeroYuHuang/prefix_rft@5f5d2a1, recipe/prefix_rft/; reference/hybrids.md section 1):
+Followed: the authors' code (ZeroYuHuang/prefix_rft@5f5d2a1, recipe/prefix_rft/; docs/hybrids.md):
 prefix tokens inside the clipped loss (`enable_clip = True`; `clip_prefix: false` gives them the unclipped -A r),
 dual clip c = 3, clip 0.2 / 0.2, entropy coefficient 0.001, no KL, advantage over the dataset-row uid (all K n
 rollouts of a prompt), the prefix-ratio bounds as controllers of the step (constant / linear / cosine decay, each a

@@ -2,7 +2,7 @@
 
     L = -(1/N) sum_{i,t} m_{i,t} log pi(y*_{i,t} | s_{i,t})  [ - c_H (1/N) sum_{i,t} m_{i,t} H(pi(.|s_{i,t})) ]
 
-(docs/provenance.md, SFT). The (1/N) is the aggregation (`token_mean` by default); this file gives the per-token
+(docs/hybrids.md, SFT). The (1/N) is the aggregation (`token_mean` by default); this file gives the per-token
 term. The optional entropy bonus is ReLIFT's SFT loss (arXiv 2506.07527; the authors' code: token mean NLL - 0.001
 H); `entropy_metric` logs the policy entropy of the demonstration tokens (AMFT's entropy target is measured on it).
 """

@@ -9,7 +9,7 @@
     A           GRPO's group z-score over the G rollouts of the prompt (all share one hint)
     lambda      0.001: a small log-likelihood term on the hint tokens (the supervised part)
 
-Followed: the authors' code (liumy2010/UFT@ad3c8ec; reference/hybrids.md section 7): the hint draw
+Followed: the authors' code (liumy2010/UFT@ad3c8ec; docs/hybrids.md): the hint draw
 (verl/utils/dataset/rl_dataset.py), the loss (verl/workers/actor/dp_actor.py update_policy: pg_loss -
 entropy_coeff * entropy + sft_loss_coef * masked mean CE over the hint, + kl_loss_coef * KL), the settings of run.py
 and scripts/train.sh: 4 rollouts, sft_loss_coef 0.001, lower/upper p 0.05 / 0.95, T = 500, T_hint = 300, lr 1e-6,

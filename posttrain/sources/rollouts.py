@@ -413,7 +413,7 @@ class RolloutBuilder:
         """A = 0 on the floor(rho N) lowest-entropy prefix tokens of the whole rollout batch (all processes; ties in
         global row order), so the choice is the same for any micro-batching and number of processes. The authors'
         code picks them per micro-batch from the current forward; with one update per batch the entropies are the
-        same, only the population of the quantile differs (docs/provenance.md)."""
+        same, only the population of the quantile differs (docs/hybrids.md)."""
         rho = schedule_value(self.plan.prefixes.entropy_mask, self.step)
         on = (exp.source[:, 1:] == PREFIX) & (exp.target_mask > 0)                       # [B, L] prefix loss tokens
         local = entropies[on]                                                            # [n_p] row-major order
