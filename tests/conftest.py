@@ -15,6 +15,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 
 
+TOY_REWARDS = '''
+def digits(prompts, completions, **kwargs):
+    """Fraction of digit characters: varies between completions of an untrained model (nonzero group variance)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def plus_constant(prompts, completions, **kwargs):
+    """0.5 for every completion of a '+' question (a zero-variance group), `digits` otherwise."""
+    return [0.5 if "+" in p else v for p, v in zip(prompts, digits(prompts, completions))]
+
+
+def constant(prompts, completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def zero(prompts, completions, **kwargs):
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and two spin-waiting OpenMP threads crawl on a shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy_reward(tmp_path_factory):
+    """`toy_reward(name)`: a `file.py:function` reward spec of one of TOY_REWARDS."""
+    path = tmp_path_factory.mktemp("rewards") / "toy_rewards.py"
+    path.write_text(TOY_REWARDS)
+    return lambda name="digits": f"{path}:{name}"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from posttrain.tiny import TinyModelConfig, build_tiny_model

@@ -21,22 +21,12 @@ from conftest import REPO, read_metrics, tiny_recipe_overrides
 from test_hybrids import assert_same_grads, first_step, raw_recipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rewards") / "toy_rewards.py"
-    path.write_text('def digits(prompts, completions, **kwargs):\n'
-                    '    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]\n\n\n'
-                    'def zero(prompts, completions, **kwargs):\n'
-                    '    return [0.0] * len(completions)\n')
-    return lambda name="digits": f"{path}:{name}"
+def toy(toy_reward):
+    return toy_reward
 
 
 OBJECTIVES = {"grpo": {"beta": 0.0, "aggregation": "token_mean"}, "sft": {}}

@@ -22,20 +22,12 @@ from posttrain.trainer import Trainer, train
 from conftest import REPO, read_metrics, tiny_recipe_overrides
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rewards") / "toy_rewards.py"
-    path.write_text('def digits(prompts, completions, **kwargs):\n'
-                    '    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]\n')
-    return f"{path}:digits"
+def toy(toy_reward):
+    return toy_reward()
 
 
 def raw_recipe(model_dir, out, reward: str, objectives: dict, stage: dict, rollout: dict | None = None) -> dict:

@@ -22,36 +22,12 @@ from posttrain.trainer import Trainer, train
 
 from conftest import REPO, read_metrics, tiny_recipe_overrides
 
-TOY_REWARDS = '''
-def digits(prompts, completions, **kwargs):
-    """Fraction of digit characters: varies between completions of an untrained model (nonzero group variance)."""
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-
-
-def plus_constant(prompts, completions, **kwargs):
-    """0.5 for every completion of a '+' question (a zero-variance group), `digits` otherwise."""
-    return [0.5 if "+" in p else v for p, v in zip(prompts, digits(prompts, completions))]
-
-
-def constant(prompts, completions, **kwargs):
-    return [1.0] * len(completions)
-'''
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and two spin-waiting OpenMP threads crawl on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rewards") / "toy_rewards.py"
-    path.write_text(TOY_REWARDS)
-    return lambda name: f"{path}:{name}"
+def toy(toy_reward):
+    return toy_reward
 
 
 def rl_raw(model_dir, out, reward: str, objective: dict, steps: int = 2, warmup: int = 0, rollout: dict | None = None):
