@@ -123,6 +123,8 @@ class Trainer:
                         for i, st in enumerate(recipe.stages) if st.rewards}
         self.resume_from = ckpt.resolve(self.run_dir, resume) if resume else None
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
+        if self.resume_from:
+            self.log.drop_after(self.state.global_step, self.state.stage)
         if recipe.logging.report_to:
             acc.init_trackers(recipe.logging.project)
 
@@ -149,8 +151,7 @@ class Trainer:
             acc.load_state(str(self.resume_from))
             run.scheduler.load_state_dict(self.state.scheduler)
             self.resume_from = None
-        self.log.log({"stage": index, "world_size": acc.num_processes,
-                      **{f"data/{k}": v for k, v in run.data_stats.items()}}, self.state.global_step)
+        self.log.stage_header(index, {f"data/{k}": v for k, v in run.data_stats.items()}, self.state.global_step)
         bar = Progress(acc.is_main_process and self.recipe.logging.progress_bar, run.total_steps, self.state.step,
                        f"{stage.name}")
         metrics: dict = {}
