@@ -18,11 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from posttrain.checkpoint import CheckpointError
+
     try:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError) as e:  # the user's input is wrong: say what, where; no traceback
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:                   # the run stopped: what could not be written, and why
+        print(f"posttrain: error: {e}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

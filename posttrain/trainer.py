@@ -121,7 +121,9 @@ class Trainer:
         self.log = MetricsLog(acc, self.run_dir)
         self.rewards = {i: load_rewards(st.rewards, f"stages.{i}.rewards", recipe.source)   # resolved before training
                         for i, st in enumerate(recipe.stages) if st.rewards}
-        self.resume_from = ckpt.resolve(self.run_dir, resume) if resume else None
+        if acc.is_main_process:
+            ckpt.remove_temporaries(self.run_dir)
+        self.resume_from = ckpt.resolve(self.run_dir, resume, report=acc.is_main_process) if resume else None
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
         if self.resume_from:
             self.log.drop_after(self.state.global_step, self.state.stage)

@@ -1,12 +1,28 @@
-"""Faults: a run stopped after a checkpoint resumes with metrics.jsonl holding each row once."""
+"""Faults: a run stopped after a checkpoint resumes with metrics.jsonl holding each row once; damaged, stale and
+unwritable checkpoints."""
 from __future__ import annotations
 
-import pytest
+import errno
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from posttrain import checkpoint as ckpt
+from posttrain.cli import main
 from posttrain.metrics import MetricsLog
 from posttrain.trainer import train
 
-from conftest import read_metrics, sft_recipe
+from conftest import read_metrics, sft_recipe, sft_recipe_raw
 
 TWO_STAGES = ["train.save_every=3", "train.keep_checkpoints=5",
               "stages=[{name: a, objectives: {sft: 1.0}, train: {steps: 4}},"
@@ -67,3 +83,231 @@ def test_resume_into_a_fresh_directory_logs_the_stage_header(tiny_model_dir, tmp
     train(sft_recipe(tiny_model_dir, tmp_path / "full", steps=5, overrides=["train.save_every=3"]))
     train(sft_recipe(tiny_model_dir, tmp_path / "other", steps=5), resume=str(tmp_path / "full/checkpoints/step-000003"))
     assert _shape(read_metrics(tmp_path / "other")) == [(0, 3, True), (0, 4, False), (0, 5, False)]
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _recipe_file(tmp_path: Path, model_dir: Path, out: Path, steps: int = 4) -> Path:
+    """The conftest SFT recipe as a YAML file (for the command line), checkpointing every 2 steps."""
+    raw = sft_recipe_raw(model_dir, out, steps, ["train.save_every=2", "train.keep_checkpoints=5"])
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final/model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run with checkpoints at steps 2 and 4 (copied by the tests, never changed)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    assert main(["train", str(_recipe_file(tmp, tiny_model_dir, tmp / "run"))]) == 0
+    return tmp / "run"
+
+
+def _copy_run(reference_run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the reference run (in `tmp_path/run`) and its recipe file pointing at the copy."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    recipe = yaml.safe_load((reference_run.parent / "run.yaml").read_text())
+    recipe["output_dir"] = str(run)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(recipe))
+    return run, tmp_path / "run.yaml"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "model.safetensors truncated": ("model.safetensors", _truncate, "model.safetensors: .* bytes, .* when written"),
+    "optimizer.bin missing": ("optimizer.bin", Path.unlink, "optimizer.bin: missing"),
+    "random_states_0.pkl missing": ("random_states_0.pkl", Path.unlink, "random_states_0.pkl: missing"),
+    "optimizer.bin changed": ("optimizer.bin", _flip_a_byte, r"optimizer.bin: its contents changed .*sha256"),
+    "trainer_state.json truncated": ("trainer_state.json", _truncate, "trainer_state.json: .* bytes"),
+    "manifest.json missing": ("manifest.json", Path.unlink, "manifest.json: missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_on_resume(reference_run, tmp_path, capsys, damage):
+    name, spoil, message = DAMAGE[damage]
+    run, recipe = _copy_run(reference_run, tmp_path)
+    spoil(run / "checkpoints/step-000004" / name)
+    metrics_before = (run / "metrics.jsonl").read_text()
+    assert main(["train", str(recipe), "--resume", str(run / "checkpoints/step-000004")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^posttrain: error: --resume {run}/checkpoints/step-000004: the checkpoint is damaged: {message}",
+                     err, re.M), err
+    assert "Traceback" not in err
+    assert (run / "metrics.jsonl").read_text() == metrics_before            # nothing was written
+
+
+def test_resume_auto_falls_back_to_the_previous_complete_checkpoint(reference_run, tmp_path, capsys):
+    """The newest checkpoint is damaged: `--resume auto` says so, resumes from the one before, and ends where the
+    uninterrupted run ended (bitwise); a killed run's temporary directories are removed."""
+    run, recipe = _copy_run(reference_run, tmp_path)
+    _truncate(run / "checkpoints/step-000004/optimizer.bin")
+    shutil.rmtree(run / "final")
+    stale = [run / "checkpoints/.tmp-step-000006", run / "checkpoints/.tmp-del-step-000002"]
+    for path in stale:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    assert main(["train", str(recipe), "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert ("posttrain: --resume auto: resuming from step-000002; skipped newer checkpoint(s): step-000004 "
+            "(optimizer.bin: ") in err
+    assert not any(path.exists() for path in stale)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert ckpt.problems(run / "checkpoints/step-000004") == []                # written again, complete
+    want, got = _final_weights(reference_run), _final_weights(run)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_auto_with_no_usable_checkpoint_lists_what_is_wrong(reference_run, tmp_path, capsys):
+    run, recipe = _copy_run(reference_run, tmp_path)
+    for step in (2, 4):
+        (run / f"checkpoints/step-{step:06d}/model.safetensors").unlink()
+    assert main(["train", str(recipe), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert (f"\nposttrain: error: --resume auto: no usable checkpoint under {run}/checkpoints: "
+                          "step-000004 (model.safetensors: missing); step-000002 (model.safetensors: missing)\n") in err, err
+
+
+def _failing_writer(monkeypatch, error: int, on_file: str) -> None:
+    """torch.save writes half of `on_file` and then fails with OSError `error` (as a full or read-only disk does)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(on_file) and "step-000004" in str(f):
+            Path(f).write_bytes(b"\0" * 100)
+            raise OSError(error, os.strerror(error), str(f))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(reference_run, tiny_model_dir, tmp_path,
+                                                                          capsys, monkeypatch, error):
+    recipe = _recipe_file(tmp_path, tiny_model_dir, tmp_path / "run")
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _failing_writer(m, error, "optimizer.bin")
+        assert main(["train", str(recipe)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"posttrain: error: could not write checkpoint {run}/checkpoints/step-000004: {os.strerror(error)}: "
+                   f"{run}/checkpoints/.tmp-step-000004/optimizer.bin; the run's earlier checkpoints are untouched "
+                   "(`--resume auto` continues from the newest)"), err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    assert ckpt.problems(run / "checkpoints/step-000002") == []
+    assert main(["train", str(recipe), "--resume", "auto"]) == 0
+    want, got = _final_weights(reference_run), _final_weights(run)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def _in_mount_namespace(tmp_path: Path, script: str) -> None:
+    """Run `script` (sh) as root of a fresh user + mount namespace, where it may mount a tmpfs or remount read-only."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        why = probe.stderr.strip() if probe is not None else "no unshare command"
+        if os.environ.get("POSTTRAIN_REQUIRE_NAMESPACES") == "1":
+            pytest.fail(f"mount namespaces are required here but unavailable: {why}")
+        pytest.skip(f"mount namespaces unavailable: {why}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(reference_run, tiny_model_dir, tmp_path):
+    """The run directory on a real tmpfs with room for one checkpoint: the second fails with ENOSPC, the run stops
+    with exit 1 naming it, and the first stays complete and resumable (to the uninterrupted run's weights)."""
+    size_kb = _checkpoint_bytes(reference_run / "checkpoints/step-000002") * 3 // 2 // 1024
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    recipe = _recipe_file(tmp_path, tiny_model_dir, disk / "run")
+    _in_mount_namespace(tmp_path, f"""
+        mount -t tmpfs -o size={size_kb}k tmpfs {disk}
+        {sys.executable} -m posttrain train {recipe} > out.txt 2> err.txt
+        echo $? > rc.txt
+        cp -a {disk}/run {tmp_path}/after   # the tmpfs ends with the namespace
+    """)
+    err = (tmp_path / "err.txt").read_text()
+    assert (tmp_path / "rc.txt").read_text().strip() == "1", err
+    assert err.strip().splitlines()[-1].startswith(
+        f"posttrain: error: could not write checkpoint {disk}/run/checkpoints/step-000004: No space left on device"), err
+    run = tmp_path / "after"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    assert ckpt.problems(run / "checkpoints/step-000002") == []
+    recipe_after = yaml.safe_load(recipe.read_text()) | {"output_dir": str(run)}
+    (tmp_path / "after.yaml").write_text(yaml.safe_dump(recipe_after))
+    assert main(["train", str(tmp_path / "after.yaml"), "--resume", "auto"]) == 0
+    want, got = _final_weights(reference_run), _final_weights(run)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_read_only_checkpoints_directory_keeps_the_previous_checkpoint(reference_run, tmp_path):
+    """Resumed from step 2 with RUN_DIR/checkpoints bind-mounted read-only: the save at step 4 fails with EROFS,
+    the run stops naming it, and step 2 stays complete and resumable."""
+    run, recipe = _copy_run(reference_run, tmp_path)
+    shutil.rmtree(run / "checkpoints/step-000004")
+    shutil.rmtree(run / "final")
+    checkpoints = run / "checkpoints"
+    _in_mount_namespace(tmp_path, f"""
+        mount --bind {checkpoints} {checkpoints} && mount -o remount,bind,ro {checkpoints}
+        {sys.executable} -m posttrain train {recipe} --resume auto > out.txt 2> err.txt
+        echo $? > rc.txt
+    """)
+    err = (tmp_path / "err.txt").read_text()
+    assert (tmp_path / "rc.txt").read_text().strip() == "1", err
+    assert err.strip().splitlines()[-1].startswith(
+        f"posttrain: error: could not write checkpoint {checkpoints}/step-000004: Read-only file system"), err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]
+    assert ckpt.problems(checkpoints / "step-000002") == []
+    assert main(["train", str(recipe), "--resume", "auto"]) == 0
+    want, got = _final_weights(reference_run), _final_weights(run)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_when", ["model.safetensors", "manifest.json"])
+def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(reference_run, tiny_model_dir, tmp_path,
+                                                                     kill_when):
+    """SIGKILL while step 4's checkpoint is being written (the test hook POSTTRAIN_CHECKPOINT_WRITE_DELAY holds each
+    phase open: accelerate's files written; manifest written, not yet renamed): `--resume auto` takes step 2, the
+    temporary directory is removed, and the run ends with the uninterrupted run's weights."""
+    recipe = _recipe_file(tmp_path, tiny_model_dir, tmp_path / "run")
+    run = tmp_path / "run"
+    env = {**os.environ, ckpt.WRITE_DELAY_ENV: "1.0"}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "train", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run / "checkpoints/.tmp-step-000004" / kill_when
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), f"the write of step 4 was not caught (exit code {proc.poll()})"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".tmp-step-000004", "step-000002"]
+    assert main(["train", str(recipe), "--resume", "auto"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    want, got = _final_weights(reference_run), _final_weights(run)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
