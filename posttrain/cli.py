@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -18,21 +19,83 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from posttrain.checkpoint import CheckpointError
-
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError) as e:  # the user's input is wrong: say what, where; no traceback
-        print(f"posttrain: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (reported once, as one line; the traceback with --debug)
+        code = report_failure(e, args.debug)
+        if _process()[1] > 1:      # one of several processes: exit now, so that no teardown waits on the others
+            sys.stderr.flush()     # (their next collective then fails at once instead of waiting for its timeout)
+            sys.stdout.flush()
+            os._exit(code)
+        return code
+
+
+def report_failure(e: Exception, debug: bool) -> int:
+    """Print why the command stopped, once, and return the exit code: 2 for bad input, else 1.
+
+    Bad input (ConfigError, a missing file) is printed as is, by one process per machine (every process of a launch
+    validates the same input). Any other error is printed by the process it happened on, naming its rank when there
+    are several, with where it was raised; a process whose collective failed because another process died prints
+    only that it stopped (the other process prints the cause).
+    """
+    import traceback
+
+    rank, world, local_rank = _process()
+    who = f"rank {rank} of {world}: " if world > 1 else ""
+    bad_input = isinstance(e, (ConfigError, FileNotFoundError))
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    if bad_input:
+        if local_rank == 0 or debug:
+            print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:                   # the run stopped: what could not be written, and why
-        print(f"posttrain: error: {e}", file=sys.stderr)
+    if world > 1 and _lost_peer(e):
+        print(f"posttrain: {who}stopped: another process stopped (its error is printed above), so a collective "
+              "operation failed" + ("" if debug else " (--debug prints the traceback)"), file=sys.stderr)
         return 1
+    print(f"posttrain: error: {who}{_describe(e)}" + ("" if debug else " (--debug prints the traceback)"),
+          file=sys.stderr)
+    return 1
+
+
+def _describe(e: Exception) -> str:
+    """The error as one line: posttrain's own errors as they are; others with their type and where they were raised."""
+    from posttrain.checkpoint import CheckpointError
+    from posttrain.rewarding import RewardError
+
+    if isinstance(e, (CheckpointError, RewardError)):
+        return str(e)
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a collective that failed because a peer process went away."""
+    import torch.distributed as dist
+
+    while e is not None:
+        text = str(e)
+        if isinstance(e, dist.DistError) or "gloo" in text.lower() or "connection closed by peer" in text.lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _process() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process, as the launcher (torchrun / accelerate launch) set them."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", env.get("RANK", "0")))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, RL with verifiable rewards, and hybrids.")
-    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    p.set_defaults(debug=False)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND", parser_class=_with_parents(common))
 
     t = sub.add_parser("train", help="train a recipe", description="Run a recipe's stages.", epilog=EPILOG_OVERRIDES)
     t.add_argument("recipe", help="path to a recipe YAML")
@@ -88,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "aggregations, rewards, rollout engines and tasks.")
     ls.set_defaults(func=cmd_list)
     return p
+
+
+def _with_parents(common: argparse.ArgumentParser):
+    """Sub-command parsers that all take the options of `common` (e.g. `posttrain train RECIPE --debug`)."""
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, parents=[common, *kwargs.pop("parents", [])], **kwargs)
+
+    return Parser
 
 
 def cmd_train(args) -> int:

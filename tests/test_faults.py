@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from posttrain.cli import main
 from posttrain.metrics import MetricsLog
 from posttrain.trainer import train
 
-from conftest import read_metrics, sft_recipe, sft_recipe_raw
+from conftest import REPO, read_metrics, sft_recipe, sft_recipe_raw
 
 TWO_STAGES = ["train.save_every=3", "train.keep_checkpoints=5",
               "stages=[{name: a, objectives: {sft: 1.0}, train: {steps: 4}},"
@@ -311,3 +312,122 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(reference_
     want, got = _final_weights(reference_run), _final_weights(run)
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------- one rank fails
+FAIL_ON_RANK_1 = '''
+import os
+
+if os.environ.get("RANK") == "1":          # test hook: rank 1 (of an accelerate launch) fails at its 2nd call
+    where = os.environ["POSTTRAIN_TEST_FAIL"]
+    module, name = {"data": ("posttrain.data", "collate_demos"), "step": ("posttrain.policy", "forward")}[where]
+    module = __import__(module, fromlist=[name])
+    real, calls = getattr(module, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError(f"injected failure in the {where} on rank 1")
+        return real(*args, **kwargs)
+
+    setattr(module, name, failing)
+'''
+
+RANK_1_REWARD = '''
+import os
+
+
+def flaky(prompts, completions, **kwargs):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("injected failure in the reward on rank 1")
+    return [float(len(c) % 2) for c in completions]
+'''
+
+
+def _two_processes(tmp_path: Path, raw: dict, env: dict) -> subprocess.CompletedProcess:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "posttrain", "train", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **env}
+    # A hang in a collective would last gloo's 30-minute timeout: the bound below tells it from a prompt exit.
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["reward", "data", "step"])
+def test_one_rank_failing_ends_both_with_its_error_printed_once(tiny_model_dir, tmp_path, where):
+    """With 2 processes, an exception on rank 1 (in a reward function, in the data, in the step) ends both: rank 1
+    prints its error once, as one line naming its rank; rank 0, whose collective then fails, says only that it
+    stopped; the launch exits non-zero instead of hanging."""
+    env = {}
+    if where == "reward":
+        (tmp_path / "rank_reward.py").write_text(RANK_1_REWARD)
+        raw = rl_recipe_raw(tiny_model_dir, tmp_path / "run", f"{tmp_path / 'rank_reward.py'}:flaky")
+    else:
+        (tmp_path / "hook").mkdir()
+        (tmp_path / "hook/sitecustomize.py").write_text(FAIL_ON_RANK_1)
+        env = {"PYTHONPATH": str(tmp_path / "hook"), "POSTTRAIN_TEST_FAIL": where}
+        raw = sft_recipe_raw(tiny_model_dir, tmp_path / "run", steps=4, overrides=["train.micro_batch_size=4"])
+    proc = _two_processes(tmp_path, raw, env)
+    assert proc.returncode != 0
+    err = proc.stderr
+    message = f"injected failure in the {where} on rank 1"
+    assert err.count(message) == 1, err[-3000:]
+    line = next(x for x in err.splitlines() if message in x)
+    assert line.startswith("posttrain: error: rank 1 of 2: "), line
+    assert f'File "{REPO / "posttrain"}' not in err, err[-3000:]             # no traceback from posttrain's processes
+    peer = [x for x in err.splitlines() if x.startswith("posttrain: rank 0 of 2")]
+    assert all(x.startswith("posttrain: rank 0 of 2: stopped: another process stopped") for x in peer), peer
+    assert not (tmp_path / "run/final").exists()
+
+
+def rl_recipe_raw(model_dir: Path, out: Path, reward: str) -> dict:
+    """A small GRPO recipe on 1-digit arithmetic (2 prompts per process and step, 4 completions each)."""
+    return {
+        "output_dir": str(out), "seed": 0, "model": {"path": str(model_dir)},
+        "data": {"source": "task:arithmetic", "max_length": 48,
+                 "task": {"digits": 1, "num_ops": 1, "ops": "+-", "num_examples": 64}},
+        "objectives": {"grpo": {}},
+        "train": {"batch_size": 16, "micro_batch_size": 8, "log_every": 1},
+        "optim": {"lr": 1e-3, "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_steps": 0},
+        "rollout": {"sampling": {"n": 4, "temperature": 1.0, "max_new_tokens": 8}, "prompts_per_step": 4},
+        "rewards": [{"name": reward}],
+        "logging": {"report_to": [], "progress_bar": False},
+        "stages": [{"name": "rl", "objectives": {"grpo": 1.0}, "train": {"steps": 3}}],
+    }
+
+
+def _raised(exc: Exception) -> Exception:
+    try:
+        raise exc
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def test_failure_report_is_one_line_naming_the_rank(monkeypatch, capsys):
+    from posttrain.cli import report_failure
+
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2")
+    assert report_failure(_raised(ValueError("bad row")), debug=False) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"posttrain: error: rank 1 of 2: ValueError: bad row \(at .*test_faults.py:\d+ in _raised\) "
+                        r"\(--debug prints the traceback\)\n", err), err
+    assert report_failure(_raised(ValueError("bad row")), debug=True) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and err.count("bad row") == 2   # traceback + line
+    peer = _raised(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1234"))
+    assert report_failure(peer, debug=False) == 1
+    assert capsys.readouterr().err == ("posttrain: rank 1 of 2: stopped: another process stopped (its error is printed "
+                                       "above), so a collective operation failed (--debug prints the traceback)\n")
+    from posttrain.configlib import ConfigError          # bad input: every process sees it; local rank 0 prints it
+
+    assert report_failure(ConfigError("recipe.yaml: optim.lr: expected a number"), debug=False) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert report_failure(ConfigError("recipe.yaml: optim.lr: expected a number"), debug=False) == 2
+    assert capsys.readouterr().err == "posttrain: error: recipe.yaml: optim.lr: expected a number\n"
