@@ -40,6 +40,7 @@ TMP_PREFIX = ".tmp-"
 WRITE_DELAY_ENV = "POSTTRAIN_CHECKPOINT_WRITE_DELAY"
 _NAME = re.compile(r"step-\d+")
 LOW_SPACE = 16 << 20        # bytes free below which a failed write is reported as a full disk
+_INTACT: set[tuple] = set()  # (checkpoint, manifest mtime, manifest size) found intact by this process
 
 
 class CheckpointError(RuntimeError):
@@ -195,8 +196,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def problems(path: Path) -> list[str]:
-    """What is wrong with checkpoint `path` against its manifest, one line per file; [] = complete and intact."""
+    """What is wrong with checkpoint `path` against its manifest, one line per file; [] = complete and intact.
+    A checkpoint found intact is not read again by this process (the preflight and the trainer both ask)."""
     path = Path(path)
+    try:
+        stamp = (path / MANIFEST).stat()
+    except OSError:
+        stamp = None
+    key = (str(path.resolve()), stamp.st_mtime_ns, stamp.st_size) if stamp is not None else None
+    if key in _INTACT:
+        return []
+    found = _problems(path)
+    if not found and key is not None:
+        _INTACT.add(key)
+    return found
+
+
+def _problems(path: Path) -> list[str]:
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except FileNotFoundError:

@@ -53,23 +53,23 @@ def report_failure(e: Exception, debug: bool) -> int:
         print(f"posttrain: {who}stopped: another process stopped (its error is printed above), so a collective "
               "operation failed" + ("" if debug else " (--debug prints the traceback)"), file=sys.stderr)
         return 1
-    print(f"posttrain: error: {who}{_describe(e)}" + ("" if debug else " (--debug prints the traceback)"),
-          file=sys.stderr)
+    print(f"posttrain: error: {who}{_describe(e, debug)}", file=sys.stderr)
     return 1
 
 
-def _describe(e: Exception) -> str:
-    """The error as one line: posttrain's own errors as they are; others with their type and where they were raised."""
+def _describe(e: Exception, debug: bool) -> str:
+    """The error as one line: posttrain's own named errors as they are; others with their type, where they were
+    raised and how to see the traceback."""
+    import traceback
+
     from posttrain.checkpoint import CheckpointError
     from posttrain.rewarding import RewardError
 
     if isinstance(e, (CheckpointError, RewardError)):
         return str(e)
-    import traceback
-
     frames = traceback.extract_tb(e.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
-    return f"{type(e).__name__}: {e}{where}"
+    return f"{type(e).__name__}: {e}{where}" + ("" if debug else " (--debug prints the traceback)")
 
 
 def _lost_peer(e: BaseException) -> bool:
@@ -165,10 +165,15 @@ def _with_parents(common: argparse.ArgumentParser):
 
 def cmd_train(args) -> int:
     from posttrain.config import load_recipe
+    from posttrain.preflight import preflight, record_recipe
     from posttrain.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    results = train(recipe, resume=args.resume)
+    rank, world, _ = _process()
+    resume_from = preflight(recipe, args.resume, world, report=rank == 0)   # before any weights load or file is written
+    if rank == 0:
+        record_recipe(recipe)
+    results = train(recipe, resume=str(resume_from) if resume_from else None)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if k.startswith(("eval/", "loss"))}
     print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in {recipe.output_dir}/metrics.jsonl")
     return 0
@@ -195,11 +200,12 @@ def cmd_eval(args) -> int:
     from posttrain.config import EvalConfig
     from posttrain.configlib import apply_overrides, build
     from posttrain.evaluation import greedy_verdicts, held_out_examples
-    from posttrain.models import ModelConfig, load_model, load_tokenizer
+    from posttrain.models import ModelConfig, check_model_dir, load_model, load_tokenizer
 
     raw = apply_overrides({"data": {"source": args.data, "split": "test"}}, args.overrides, "eval")
     cfg = build(EvalConfig, raw, "", "eval")
     model_cfg = ModelConfig(path=args.model)
+    check_model_dir(args.model, "MODEL")
     tokenizer, model = load_tokenizer(args.model, model_cfg), load_model(args.model, model_cfg)
     examples = held_out_examples(cfg, "data")
     completions, correct = greedy_verdicts(model, tokenizer, cfg, examples)

@@ -32,14 +32,15 @@ import torch
 
 from posttrain import checkpoint as ckpt
 from posttrain.config import Recipe, StageConfig
-from posttrain.configlib import ConfigError
-from posttrain.data import EpochSampler, Tokenized, collate_demos, load_rows, to_examples, tokenize_demos
+from posttrain.data import (EpochSampler, Tokenized, collate_demos, load_rows, require_prompts, to_examples,
+                            tokenize_demos)
 from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
 from posttrain.metrics import MetricsLog, Progress
 from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
 from posttrain.objectives import Normalizer, aggregate, build_objective
 from posttrain.policy import forward
+from posttrain.preflight import check_batch_world
 from posttrain.rewarding import load_rewards
 from posttrain.rl.builder import RLPlan, RolloutBuilder, check_world, rollout_prompts
 from posttrain.rl.value_head import ValueHeadModel
@@ -227,9 +228,7 @@ class Trainer:
         rows, columns = load_rows(stage.data, where)
         items, stats = tokenize_demos(to_examples(rows, columns, stage.data, where), self.tokenizer, stage.data, where)
         world = acc.num_processes
-        if stage.train.batch_size % world:
-            raise ValueError(f"{self.recipe.source}: stages.{self.state.stage}.train.batch_size "
-                             f"({stage.train.batch_size}) must be a multiple of the number of processes ({world})")
+        check_batch_world(stage.train, world, f"stages.{self.state.stage}.train", self.recipe.source)
         total = stage.train.steps or max(1, math.ceil(stage.train.epochs * len(items) / stage.train.batch_size))
         builder = DemoBuilder(items, self.tokenizer.pad_token_id, self.recipe.seed + self.state.stage,
                               stage.train.batch_size, acc.process_index, world)
@@ -242,9 +241,7 @@ class Trainer:
         rows, columns = load_rows(stage.data, f"{where}.data")
         examples = to_examples(rows, columns, stage.data, f"{where}.data")
         prompts, dropped = rollout_prompts(examples, rows, columns, self.tokenizer, stage.data.max_length)
-        if not prompts:
-            raise ConfigError(f"{self.recipe.source}: {where}.data: every prompt of {stage.data.source!r} is longer "
-                              f"than max_length={stage.data.max_length} tokens")
+        require_prompts(len(prompts), stage.data, f"{self.recipe.source}: {where}.data")
         (objective,) = objectives.values()
         engine = ENGINES.get(stage.rollout.engine)(self.model, self.tokenizer, stage.rollout.engine_args, acc)
         builder = RolloutBuilder(prompts, stage.rollout, RLPlan.of(objective), self.rewards[index], engine,
