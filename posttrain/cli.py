@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -20,14 +21,82 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError) as e:  # the user's input is wrong: say what, where; no traceback
-        print(f"posttrain: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (reported once, as one line; the traceback with --debug)
+        code = report_failure(e, args.debug)
+        if _process()[1] > 1:      # one of several processes: exit now, so that no teardown waits on the others
+            sys.stderr.flush()     # (their next collective then fails at once instead of waiting for its timeout)
+            sys.stdout.flush()
+            os._exit(code)
+        return code
+
+
+def report_failure(e: Exception, debug: bool) -> int:
+    """Print why the command stopped, once, and return the exit code: 2 for bad input, else 1.
+
+    Bad input (ConfigError, a missing file) is printed as is, by one process per machine (every process of a launch
+    validates the same input). Any other error is printed by the process it happened on, naming its rank when there
+    are several, with where it was raised; a process whose collective failed because another process died prints
+    only that it stopped (the other process prints the cause).
+    """
+    import traceback
+
+    rank, world, local_rank = _process()
+    who = f"rank {rank} of {world}: " if world > 1 else ""
+    bad_input = isinstance(e, (ConfigError, FileNotFoundError))
+    if debug:
+        traceback.print_exception(e, file=sys.stderr)
+    if bad_input:
+        if local_rank == 0 or debug:
+            print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
+    if world > 1 and _lost_peer(e):
+        print(f"posttrain: {who}stopped: another process stopped (its error is printed above), so a collective "
+              "operation failed" + ("" if debug else " (--debug prints the traceback)"), file=sys.stderr)
+        return 1
+    print(f"posttrain: error: {who}{_describe(e, debug)}", file=sys.stderr)
+    return 1
+
+
+def _describe(e: Exception, debug: bool) -> str:
+    """The error as one line: posttrain's own named errors as they are; others with their type, where they were
+    raised and how to see the traceback."""
+    import traceback
+
+    from posttrain.checkpoint import CheckpointError
+    from posttrain.rewarding import RewardError
+    from posttrain.trainer import NonFiniteError
+
+    if isinstance(e, (CheckpointError, RewardError, NonFiniteError)):   # they name the step / file / function
+        return str(e)
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}" + ("" if debug else " (--debug prints the traceback)")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a collective that failed because a peer process went away."""
+    import torch.distributed as dist
+
+    while e is not None:
+        text = str(e)
+        if isinstance(e, dist.DistError) or "gloo" in text.lower() or "connection closed by peer" in text.lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _process() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process, as the launcher (torchrun / accelerate launch) set them."""
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", env.get("RANK", "0")))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, RL with verifiable rewards, and hybrids.")
-    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    p.set_defaults(debug=False)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    sub = p.add_subparsers(title="commands", metavar="COMMAND", parser_class=_with_parents(common))
 
     t = sub.add_parser("train", help="train a recipe", description="Run a recipe's stages.", epilog=EPILOG_OVERRIDES)
     t.add_argument("recipe", help="path to a recipe YAML")
@@ -85,16 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _with_parents(common: argparse.ArgumentParser):
+    """Sub-command parsers that all take the options of `common` (e.g. `posttrain train RECIPE --debug`)."""
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, parents=[common, *kwargs.pop("parents", [])], **kwargs)
+
+    return Parser
+
+
 def cmd_train(args) -> int:
     from posttrain.config import load_recipe
-    from posttrain.trainer import NonFiniteError, train
+    from posttrain.preflight import preflight, record_recipe
+    from posttrain.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        results = train(recipe, resume=args.resume)
-    except NonFiniteError as e:                     # named: the step, the objective, the micro-batch
-        print(f"posttrain: error: {e}", file=sys.stderr)
-        return 1
+    rank, world, _ = _process()
+    resume_from, data = preflight(recipe, args.resume, world, report=rank == 0)   # before weights load or files are written
+    if rank == 0:
+        record_recipe(recipe)
+    results = train(recipe, resume=str(resume_from) if resume_from else None, data=data)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if k.startswith(("eval/", "loss"))}
     print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in {recipe.output_dir}/metrics.jsonl")
     return 0
@@ -121,11 +201,12 @@ def cmd_eval(args) -> int:
     from posttrain.config import EvalConfig
     from posttrain.configlib import apply_overrides, build
     from posttrain.evaluation import greedy_verdicts, held_out_examples
-    from posttrain.models import ModelConfig, load_model, load_tokenizer
+    from posttrain.models import ModelConfig, check_model_dir, load_model, load_tokenizer
 
     raw = apply_overrides({"data": {"source": args.data, "split": "test"}}, args.overrides, "eval")
     cfg = build(EvalConfig, raw, "", "eval")
     model_cfg = ModelConfig(path=args.model)
+    check_model_dir(args.model, "MODEL")
     tokenizer, model = load_tokenizer(args.model, model_cfg), load_model(args.model, model_cfg)
     examples = held_out_examples(cfg, "data")
     completions, correct = greedy_verdicts(model, tokenizer, cfg, examples)

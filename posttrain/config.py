@@ -279,9 +279,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def resolved_dict(path: str | Path, overrides: list[str] | None = None) -> dict:
     """The recipe after overrides, validation and defaults, as plain data (for `posttrain config show`)."""
-    from posttrain.configlib import to_dict
+    return recipe_dict(load_recipe(path, overrides))
 
-    r = load_recipe(path, overrides)
+
+def recipe_dict(r: Recipe) -> dict:
+    """A parsed recipe as plain data (what `posttrain config show` prints, and a run records in RUN_DIR/recipe.yaml)."""
     return {"output_dir": r.output_dir, "seed": r.seed, "model": to_dict(r.model),
             "objectives": {k: to_dict(v) for k, v in r.objectives.items()},
             "logging": to_dict(r.logging), "stages": [to_dict(s) for s in r.stages]}

@@ -8,6 +8,9 @@ Roles a recipe maps to its columns (`data.columns`):
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -89,19 +92,65 @@ def _load_dataset_rows(cfg: DataConfig, where: str) -> list[dict]:
     path = Path(cfg.source)
     looks_local = path.suffix in FILE_FORMATS or path.exists() or cfg.source.startswith((".", "/"))
     if looks_local:
+        if path.is_dir():
+            raise ConfigError(f"{where}.source: {cfg.source!r} is a directory; expected a data file "
+                              f"({', '.join(FILE_FORMATS)})")
         if not path.is_file():
             raise FileNotFoundError(f"{where}.source: data file {cfg.source!r} not found")
         if path.suffix not in FILE_FORMATS:
             raise ConfigError(f"{where}.source: {cfg.source!r} has an unknown format; expected one of {', '.join(FILE_FORMATS)}")
-        if not path.read_text(errors="replace").strip() if path.suffix != ".parquet" else path.stat().st_size == 0:
+        try:
+            empty = not path.read_bytes().strip() if path.suffix != ".parquet" else path.stat().st_size == 0
+        except OSError as e:
+            raise ConfigError(f"{where}.source: data file {cfg.source!r} cannot be read: {e.strerror}") from None
+        if empty:
             raise ConfigError(f"{where}.source: data file {cfg.source!r} is empty")
         try:
-            ds = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
-        except Exception as e:  # datasets' own errors don't say which recipe key pointed at the file
-            raise ConfigError(f"{where}.source: could not read {cfg.source!r}: {type(e).__name__}: {e}") from e
+            with _quiet("datasets"):      # its own error log would come before (and without) the message below
+                return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+        except Exception as e:  # datasets' own errors don't say which recipe key, line or column is at fault
+            found = _json_problem(path) if FILE_FORMATS[path.suffix] == "json" else None
+            detail = found or f"{type(e).__name__}: {e}"
+            raise ConfigError(f"{where}.source: could not read {cfg.source!r}: {detail}") from e
+    return datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split).to_list()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Only CRITICAL records of a library's logger for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _json_problem(path: Path) -> str | None:
+    """The first line of a JSON Lines file (or record of a JSON array) that cannot be a row: not UTF-8, not JSON, or
+    not an object. None if there is none (datasets failed for another reason)."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes())
+        except UnicodeDecodeError as e:
+            return f"not UTF-8 text ({e.reason} at byte {e.start})"
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        records = [(f"record {i + 1}", r) for i, r in enumerate(data)] if isinstance(data, list) else []
     else:
-        ds = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
-    return ds.to_list()
+        records = []
+        for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                records.append((f"line {n}", json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                return f"line {n}: not UTF-8 text ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+    return next((f"{name}: expected a JSON object (one row), got {type(record).__name__} {_short(record)}"
+                 for name, record in records if not isinstance(record, dict)), None)
 
 
 def to_examples(rows: list[dict], columns: dict[str, str], cfg: DataConfig, where: str = "data") -> list[Example]:
@@ -122,29 +171,66 @@ def to_examples(rows: list[dict], columns: dict[str, str], cfg: DataConfig, wher
                              f"{cfg.source!r} (its columns: {', '.join(sorted(present))})")
     if "completion" not in columns and "completion" in present and "messages" not in columns:
         columns = {**columns, "completion": "completion"}
-    return [_example(row, columns, cfg, i) for i, row in enumerate(rows)]
+    return [_example(row, columns, cfg, i, where) for i, row in enumerate(rows)]
 
 
-def _example(row: dict, columns: dict[str, str], cfg: DataConfig, i: int) -> Example:
+def _example(row: dict, columns: dict[str, str], cfg: DataConfig, i: int, where: str) -> Example:
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     extra = dict(row)
     if "answer" in columns:
         extra["answer"] = row[columns["answer"]]
+
+    def bad(role: str, expected: str) -> ConfigError:
+        value = row[columns[role]]
+        return ConfigError(f"{where}.columns.{role}: {cfg.source!r} {row_name(cfg, i)}: column {columns[role]!r} must "
+                           f"be {expected}, got {type(value).__name__} {_short(value)}")
+
     if "messages" in columns:
         msgs = row[columns["messages"]]
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-            raise ConfigError(f"{cfg.source!r} row {i}: column {columns['messages']!r} must be a list of chat messages")
+        if not _is_chat(msgs):
+            raise bad("messages", "a list of chat messages ({role, content} objects)")
         if msgs[-1].get("role") == "assistant":
             return Example(system + msgs[:-1], msgs[-1]["content"], extra)
         return Example(system + msgs, None, extra)
     prompt = row[columns["prompt"]]
+    if not isinstance(prompt, str) and not _is_chat(prompt):
+        raise bad("prompt", "text or a list of chat messages")
     prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if not isinstance(prompt, (str, list)):
-        raise ConfigError(f"{cfg.source!r} row {i}: prompt column {columns['prompt']!r} must be text or messages")
     completion = row[columns["completion"]] if "completion" in columns else None
-    if isinstance(completion, list):  # conversational completion: [{"role": "assistant", "content": ...}]
+    if isinstance(completion, list) and _is_chat(completion):  # conversational: [{"role": "assistant", ...}]
         completion = completion[-1]["content"]
+    if "completion" in columns and not isinstance(completion, str):
+        raise bad("completion", "text or a list of chat messages")
     return Example(system + prompt_msgs, completion, extra)
+
+
+def _is_chat(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in value))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def row_name(cfg: DataConfig, i: int) -> str:
+    """Row i (0-based, after `limit`) as a user finds it: `line N` of a JSON Lines file, else `row N` (1-based)."""
+    path = Path(cfg.source)
+    if path.suffix == ".jsonl" and path.is_file():
+        with path.open("rb") as f:
+            lines = (n for n, raw in enumerate(f, 1) if raw.strip())
+            line = next((n for k, n in enumerate(lines) if k == i), None)
+        if line is not None:
+            return f"line {line}"
+    return f"row {i + 1}"
+
+
+def require_prompts(kept: int, cfg: DataConfig, where: str) -> None:
+    """At least one prompt of the data set fits in `max_length` tokens (RL stages drop the longer ones)."""
+    if not kept:
+        raise ConfigError(f"{where}.max_length: every prompt of {cfg.source!r} is longer than max_length="
+                          f"{cfg.max_length} tokens")
 
 
 def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: str = "data") -> tuple[list[Tokenized], TokenStats]:
@@ -152,9 +238,10 @@ def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: s
     stats, out = TokenStats(), []
     for i, ex in enumerate(examples):
         if ex.completion is None:
-            raise ConfigError(f"{where}: row {i} of {cfg.source!r} has no completion; a demonstration objective needs "
-                             "the role 'completion' (or a final assistant message) mapped to a column")
-        prompt_text, completion_text = render_demo(tokenizer, ex.prompt, ex.completion, f"{where}: row {i}")
+            raise ConfigError(f"{where}.columns: {cfg.source!r} {row_name(cfg, i)} has no completion; a demonstration "
+                              "objective needs the role 'completion' (or a final assistant message) mapped to a column")
+        prompt_text, completion_text = render_demo(tokenizer, ex.prompt, ex.completion,
+                                                   f"{where}: {cfg.source!r} {row_name(cfg, i)}")
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         ids = prompt_ids + tokenizer(completion_text, add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.max_length:
@@ -165,7 +252,8 @@ def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: s
         out.append(Tokenized(ids, len(prompt_ids), ex.columns, i))
     stats.kept = len(out)
     if not out:
-        raise ConfigError(f"{where}: every example of {cfg.source!r} is longer than max_length={cfg.max_length} and was dropped")
+        raise ConfigError(f"{where}.max_length: every example of {cfg.source!r} is longer than max_length="
+                          f"{cfg.max_length} tokens (prompt + completion) and was dropped")
     return out, stats
 
 

@@ -11,7 +11,13 @@ from tqdm.auto import tqdm
 
 
 class MetricsLog:
-    """Appends to metrics.jsonl (main process only) and forwards to accelerate's trackers."""
+    """Appends to metrics.jsonl (main process only) and forwards to accelerate's trackers.
+
+    Rows: a stage's header row first (`stage_header`: stage, world_size, data counts; at the global step the stage
+    starts from), then one row per logged step. Every row has `step` (the global step) and `stage`. A resumed run
+    first drops what was logged after its checkpoint (`drop_after`), so the file holds each row once: what an
+    uninterrupted run would have written.
+    """
 
     def __init__(self, accelerator, run_dir: Path):
         self.accelerator = accelerator
@@ -23,6 +29,41 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
+
+    def stage_header(self, stage: int, metrics: dict, step: int) -> None:
+        """The stage's header row (stage, world_size, `metrics`), unless the file has it already (a resumed stage)."""
+        main = self.accelerator.is_main_process
+        if main and any(_is_header(row) and row.get("stage") == stage for row in _rows(self.path)):
+            return
+        self.log({"stage": stage, "world_size": self.accelerator.num_processes, **metrics}, step)
+
+    def drop_after(self, global_step: int, stage: int) -> None:
+        """Resume from a checkpoint taken at `global_step` in `stage`: forget the rows logged after it (steps past
+        it; header rows of later stages, which start at its step; a line cut short by a kill)."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        kept = [row for row in _rows(self.path) if row["step"] < global_step or (row["step"] == global_step and
+                                                                                 row.get("stage", 0) <= stage)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(self.path)
+
+
+def _is_header(row: dict) -> bool:
+    return "world_size" in row
+
+
+def _rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that does not parse (cut short by a kill mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _plain(v):

@@ -177,6 +177,30 @@ def _check_settings(fn: Callable, spec: RewardSpec, where: str, source: str) -> 
     return None if var_kw else frozenset(named)
 
 
+def check_reward_inputs(fn: Callable, name: str, settings: dict, columns: dict[str, list], given: tuple[str, ...],
+                        where: str, row_name: Callable[[int], str]) -> None:
+    """Before training: the reward gets every argument it requires (one of `given`, e.g. prompts / completions, a data
+    column or a bound setting), and its data check (rewards.registry.DATA_CHECKS) finds no bad row of `columns`.
+    ConfigError naming `where`, the argument or the row (`row_name(i)`) otherwise."""
+    from rewards.registry import DATA_CHECKS
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    required = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [n for n in required if n not in given and n not in columns and n not in settings]
+    if missing:
+        raise ConfigError(f"{where}: reward {name!r} requires the argument {missing[0]!r}, which is neither a column of "
+                          f"the data (its columns: {', '.join(sorted(columns))}) nor a setting in kwargs")
+    check = DATA_CHECKS.get(fn)
+    problems = check(columns, **settings) if check is not None else []
+    if problems:
+        row, problem = problems[0]
+        more = f" ({len(problems)} rows in all)" if len(problems) > 1 else ""
+        raise ConfigError(f"{where}: reward {name!r} cannot score this data: {row_name(row)}: {problem}{more}")
+
+
 def _executor(fn: Callable, spec: RewardSpec) -> str:
     if inspect.iscoroutinefunction(fn):
         return "async"

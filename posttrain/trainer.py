@@ -105,7 +105,8 @@ class StageRun:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, resume: str | None = None):
+    def __init__(self, recipe: Recipe, resume: str | None = None, data: list[StageData] | None = None):
+        """`data`: every stage's prepared data, when preflight (posttrain train) has prepared it already."""
         self.recipe = recipe
         self.run_dir = Path(recipe.output_dir)
         self.accelerator = make_accelerator(recipe, {"fp32": "no"}.get(recipe.model.precision, recipe.model.precision))
@@ -119,12 +120,16 @@ class Trainer:
         self.tokenizer = load_tokenizer(path, recipe.model)
         self.rewards = {i: load_rewards(st.rewards, f"stages.{i}.rewards", recipe.source)   # resolved before training
                         for i, st in enumerate(recipe.stages) if st.rewards}
-        self.data = [prepare_stage(recipe, i, self.tokenizer, acc.num_processes) for i in range(len(recipe.stages))]
+        self.data = data or [prepare_stage(recipe, i, self.tokenizer, acc.num_processes) for i in range(len(recipe.stages))]
         self.model = load_model(path, recipe.model)                  # the first expensive step: after every check
         self.model.train()
         self.log = MetricsLog(acc, self.run_dir)
-        self.resume_from = ckpt.resolve(self.run_dir, resume) if resume else None
+        if acc.is_main_process:
+            ckpt.remove_temporaries(self.run_dir)
+        self.resume_from = ckpt.resolve(self.run_dir, resume, report=acc.is_main_process) if resume else None
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
+        if self.resume_from:
+            self.log.drop_after(self.state.global_step, self.state.stage)
         if recipe.logging.report_to:
             acc.init_trackers(recipe.logging.project)
 
@@ -151,8 +156,7 @@ class Trainer:
             acc.load_state(str(self.resume_from))
             run.scheduler.load_state_dict(self.state.scheduler)
             self.resume_from = None
-        self.log.log({"stage": index, "world_size": acc.num_processes,
-                      **{f"data/{k}": v for k, v in run.data_stats.items()}}, self.state.global_step)
+        self.log.stage_header(index, {f"data/{k}": v for k, v in run.data_stats.items()}, self.state.global_step)
         bar = Progress(acc.is_main_process and self.recipe.logging.progress_bar, run.total_steps, self.state.step,
                        f"{stage.name}")
         metrics: dict = {}
@@ -674,5 +678,5 @@ def reward_summary(stage: str, rewards: list[float], accuracy: float | None) -> 
     return line + (f"; eval/accuracy {accuracy:.3f}" if accuracy is not None else "")
 
 
-def train(recipe: Recipe, resume: str | None = None) -> dict:
-    return Trainer(recipe, resume).run()
+def train(recipe: Recipe, resume: str | None = None, data: list[StageData] | None = None) -> dict:
+    return Trainer(recipe, resume, data).run()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math as _math
 
 from rewards.answers import column, completion_text, marked_answer, numeric_answer
-from rewards.registry import register
+from rewards.registry import data_check, register
 
 
 @register("gsm8k")
@@ -45,3 +45,28 @@ def gsm8k(prompts, completions, *, gold_column: str = "answer", rel_tol: float =
         ok = answer is not None and _math.isclose(answer, target, rel_tol=rel_tol, abs_tol=abs_tol)
         out.append(1.0 if ok else partial if marked_answer(completion_text(completion)) is not None else 0.0)
     return out
+
+
+@data_check(gsm8k)
+def gsm8k_golds(columns: dict[str, list], *, gold_column: str = "answer", **settings) -> list[tuple[int, str]]:
+    """Rows whose gold answer `gsm8k` would misread: no number in it, or no `####` where the column's other rows mark
+    their final answer with one (the last number of the reasoning would be taken instead).
+
+    >>> gsm8k_golds({"answer": ["3 + 4 = 7\\n#### 7", "3 + 4 = 7", None, "none"]})[0]
+    (1, "the gold answer in column 'answer' has no `####` (the column's other rows mark their final answer with it): '3 + 4 = 7'")
+    """
+    if gold_column not in columns:
+        return [(0, f"the gold answer column {gold_column!r} is not in the data (its columns: "
+                    f"{', '.join(sorted(columns))}); set kwargs.gold_column")]
+    golds = [None if g is None else str(g) for g in columns[gold_column]]
+    marked = any("####" in g for g in golds if g is not None)
+    problems = []
+    for i, gold in enumerate(golds):
+        if gold is None:
+            continue
+        if numeric_answer(gold) is None:
+            problems.append((i, f"the gold answer in column {gold_column!r} has no number: {gold[-80:]!r}"))
+        elif marked and "####" not in gold:
+            problems.append((i, f"the gold answer in column {gold_column!r} has no `####` (the column's other rows mark "
+                                f"their final answer with it): {gold[-80:]!r}"))
+    return problems

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -20,12 +21,25 @@ from posttrain.registry import Registry
 
 RewardFn = Callable[..., list]
 REWARDS: Registry[RewardFn] = Registry("reward")
+# reward function -> its data check: check(columns: {name: [values]}, **the reward's settings) -> [(row, problem)],
+# run on a stage's whole data set before training (posttrain/preflight.py), e.g. gold answers the reward cannot read.
+DATA_CHECKS: dict[RewardFn, Callable[..., list[tuple[int, str]]]] = {}
 _file_lock = threading.Lock()
 
 
 def register(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: `@rewards.register("my_reward")`."""
     return REWARDS.register(name)
+
+
+def data_check(reward: RewardFn) -> Callable:
+    """Decorator: register the function below as `reward`'s data check (see DATA_CHECKS)."""
+
+    def add(check: Callable) -> Callable:
+        DATA_CHECKS[reward] = check
+        return check
+
+    return add
 
 
 def get(spec: str) -> RewardFn:
@@ -42,6 +56,8 @@ def get(spec: str) -> RewardFn:
     target, _, attr = spec.rpartition(":")
     module = _load_file(spec, target) if target.endswith(".py") else _import(spec, target)
     fn = getattr(module, attr, None)
+    if fn is not None and not callable(fn):
+        raise AttributeError(f"reward {spec!r}: {attr!r} in {target!r} is a {type(fn).__name__}, not a function")
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
                        and getattr(v, "__module__", None) == module.__name__)
@@ -55,6 +71,8 @@ def _import(spec: str, target: str):
         return importlib.import_module(target)
     except ImportError as e:
         raise ImportError(f"reward {spec!r}: cannot import module {target!r}: {e}") from None
+    except SyntaxError as e:
+        raise ImportError(f"reward {spec!r}: {e.filename} line {e.lineno}: {e.msg}") from None
 
 
 def _load_file(spec: str, target: str):
@@ -71,6 +89,15 @@ def _load_file(spec: str, target: str):
         sys.modules[name] = module
         try:
             mod_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            del sys.modules[name]
+            raise ImportError(f"reward {spec!r}: {target} line {e.lineno}: {e.msg}") from None
+        except Exception as e:  # noqa: BLE001  (the file's own code failed while it was imported)
+            del sys.modules[name]
+            line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == str(path)),
+                        None)
+            raise ImportError(f"reward {spec!r}: importing {target} raised {type(e).__name__}: {e}"
+                              + (f" (line {line})" if line else "")) from None
         except BaseException:
             del sys.modules[name]
             raise

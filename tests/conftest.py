@@ -83,6 +83,12 @@ def gsm8k_dir() -> Path:
 def sft_recipe(model_dir: Path, out_dir: Path, steps: int = 4, overrides: list[str] | None = None):
     """A small SFT recipe on 1-digit addition for trainer tests, as a parsed Recipe."""
     from posttrain.config import parse_recipe
+
+    return parse_recipe(sft_recipe_raw(model_dir, out_dir, steps, overrides), "test-recipe")
+
+
+def sft_recipe_raw(model_dir: Path, out_dir: Path, steps: int = 4, overrides: list[str] | None = None) -> dict:
+    """`sft_recipe` as the plain mapping a recipe file holds."""
     from posttrain.configlib import apply_overrides
 
     raw = {
@@ -97,7 +103,7 @@ def sft_recipe(model_dir: Path, out_dir: Path, steps: int = 4, overrides: list[s
         "logging": {"report_to": [], "progress_bar": False},
         "stages": [{"name": "sft", "objectives": {"sft": 1.0}, "train": {"steps": steps}}],
     }
-    return parse_recipe(apply_overrides(raw, overrides or []), "test-recipe")
+    return apply_overrides(raw, overrides or [])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

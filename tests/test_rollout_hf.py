@@ -254,11 +254,14 @@ def test_prefix_continuation(tiny):
 
 
 def test_kv_cache_one_token_per_step_and_model_state_restored(tiny):
-    """Decoding cost is linear in new tokens: after the prefill, every forward sees exactly one new token.
+    """Decoding cost is linear in new tokens: after the prefill, every forward sees exactly one new token, and its
+    output is still the teacher-forced one (a one-token forward can only get that right from cached keys/values).
 
-    Run on a fresh copy with gradient checkpointing on and config.use_cache False (what training sets), in train
-    mode, with gradients present: generation must still use the cache, run in eval mode without autograd, and leave
-    mode, gradients and configs as they were.
+    Observed through public seams only (a forward pre-hook on the model: the token ids each forward receives; the
+    completions' log-probs), not transformers' internal calling convention (the cache's keyword name changed in
+    5.24). Run on a fresh copy with gradient checkpointing on and config.use_cache False (what training sets), in
+    train mode, with gradients present: generation must still use the cache, run in eval mode without autograd,
+    and leave mode, gradients and configs as they were.
     """
     model = AutoModelForCausalLM.from_pretrained(tiny["path"], dtype=torch.float32)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # v5 / v4
@@ -271,8 +274,8 @@ def test_kv_cache_one_token_per_step_and_model_state_restored(tiny):
     seen = []
 
     def record(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        seen.append((ids.shape, kwargs.get("past_key_values") is not None, module.training, torch.is_grad_enabled()))
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        seen.append((tuple(ids.shape), module.training, torch.is_grad_enabled()))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
@@ -285,8 +288,8 @@ def test_kv_cache_one_token_per_step_and_model_state_restored(tiny):
             width = max(len(p) for p in prompts)
             assert len(seen) == longest                                      # one forward per generated position
             assert seen[0][0] == (8, width)                                  # prefill: the whole prompt once
-            assert all(shape == (8, 1) and cached for shape, cached, _, _ in seen[1:])   # then 1 token + cache
-            assert not any(training or grad for _, _, training, grad in seen)
+            assert all(shape == (8, 1) for shape, _, _ in seen[1:])          # then one new token per step
+            assert not any(training or grad for _, training, grad in seen)
             assert sum(s[0][1] for s in seen) == width + longest - 1         # tokens fed: linear in new tokens
     finally:
         handle.remove()
@@ -294,6 +297,11 @@ def test_kv_cache_one_token_per_step_and_model_state_restored(tiny):
     assert torch.is_grad_enabled()
     assert model.config.use_cache is False and model.generation_config is gen_config
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    model.eval()
+    for i, group in enumerate(out):                                          # the one-token steps saw the whole context
+        for c in group:
+            expected = teacher_forced(model, prompts[i], c.token_ids)
+            torch.testing.assert_close(torch.tensor(c.raw_logprobs), expected, atol=TOL, rtol=0)
 
 
 def test_checkpoint_generation_defaults_do_not_leak_in(tiny):

@@ -8,7 +8,7 @@ the prefix is part of the prompt for the engine and is *not* repeated in the com
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 from posttrain.configlib import field_doc, require
 from posttrain.registry import Registry
@@ -76,6 +76,9 @@ class RolloutEngine(Protocol):
 
 # name -> factory(model, tokenizer, config dict, accelerator) -> RolloutEngine
 ENGINES: Registry = Registry("rollout engine")
+# name -> check(name) that raises ImportError saying how to install what the engine needs (run before training by
+# posttrain/preflight.py; engines that need nothing beyond posttrain's dependencies have none)
+ENGINE_REQUIREMENTS: dict[str, Callable[[str], None]] = {}
 
 
 def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:

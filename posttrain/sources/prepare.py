@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configlib import ConfigError
-from posttrain.data import TokenStats, Tokenized, load_rows, to_examples, tokenize_demos
+from posttrain.data import TokenStats, Tokenized, load_rows, require_prompts, to_examples, tokenize_demos
 from posttrain.objectives import build_objective
 from posttrain.sources.plan import RolloutPlan
 from posttrain.sources.rollouts import Prompt, check_demonstrations, check_world, rollout_prompts
@@ -31,51 +31,53 @@ class StageData:
 
 def prepare_stage(recipe, index: int, tokenizer, world: int) -> StageData:
     """Load and check stage `index` of `recipe` for `world` processes (no model needed)."""
-    stage, where = recipe.stages[index], f"stages.{index}"
+    stage, where = recipe.stages[index], f"{recipe.source}: stages.{index}"
     data = StageData({name: build_objective(recipe.objectives[name]) for name in stage.objectives})
-    if stage.train.batch_size % world:
-        raise ConfigError(f"{recipe.source}: {where}.train.batch_size ({stage.train.batch_size}) must be a multiple of "
-                          f"the number of processes ({world})")
     if data.reads("rollouts"):
         data.plan = next(o.rollout_plan() for o in data.objectives.values() if o.source == "rollouts")
         _prepare_prompts(recipe, index, tokenizer, world, data)
     if data.reads("demos"):
+        check_batch_world(stage.train, world, f"stages.{index}.train", recipe.source)
         demo_cfg = stage.demo_data or stage.data
-        key = "demo_data" if stage.demo_data is not None else "data"
-        rows, columns = load_rows(demo_cfg, f"{where}.{key}")
-        data.demos, stats = tokenize_demos(to_examples(rows, columns, demo_cfg, f"{where}.{key}"), tokenizer, demo_cfg,
-                                           f"{where}.{key}")
+        key = f"{where}.{'demo_data' if stage.demo_data is not None else 'data'}"
+        rows, columns = load_rows(demo_cfg, key)
+        data.demos, stats = tokenize_demos(to_examples(rows, columns, demo_cfg, key), tokenizer, demo_cfg, key)
         data.stats |= _demo_stats(stats, "" if data.prompts is None else "demos/")
         _check_demo_split(recipe, index, world, data)
     if stage.mixer.needs_validation():
         if stage.eval.data is None:
-            raise ConfigError(f"{recipe.source}: stages.{index}.eval.data: mixer {stage.mixer.name!r} measures a "
-                              "meta-gradient on held-out demonstrations; give the stage eval data with completions")
+            raise ConfigError(f"{where}.eval.data: mixer {stage.mixer.name!r} measures a meta-gradient on held-out "
+                              "demonstrations; give the stage eval data with completions")
         rows, columns = load_rows(stage.eval.data, f"{where}.eval.data")
         data.validation, _ = tokenize_demos(to_examples(rows, columns, stage.eval.data, f"{where}.eval.data"),
                                             tokenizer, stage.eval.data, f"{where}.eval.data")
     return data
 
 
+def check_batch_world(train, world: int, where: str, source: str) -> None:
+    """A stage's global batch of demonstrations splits evenly over the processes."""
+    if train.batch_size % world:
+        raise ConfigError(f"{source}: {where}.batch_size ({train.batch_size}) must be a multiple of the number of "
+                          f"processes ({world})")
+
+
 def _prepare_prompts(recipe, index: int, tokenizer, world: int, data: StageData) -> None:
-    stage, where = recipe.stages[index], f"stages.{index}"
-    check_world(stage.rollout, world, f"{where}.rollout", recipe.source)
+    stage, where = recipe.stages[index], f"{recipe.source}: stages.{index}"
+    check_world(stage.rollout, world, f"stages.{index}.rollout", recipe.source)
     if data.plan.prefixes and data.plan.prefixes.prefixed > stage.rollout.sampling.n:
-        raise ConfigError(f"{recipe.source}: {where}.rollout.sampling.n ({stage.rollout.sampling.n}) must be at least "
-                          f"the objective's prefixed rollouts per prompt ({data.plan.prefixes.prefixed})")
+        raise ConfigError(f"{where}.rollout.sampling.n ({stage.rollout.sampling.n}) must be at least the objective's "
+                          f"prefixed rollouts per prompt ({data.plan.prefixes.prefixed})")
     rows, columns = load_rows(stage.data, f"{where}.data")
     examples = to_examples(rows, columns, stage.data, f"{where}.data")
     if data.plan.reads_demos and all(ex.completion is None for ex in examples):
-        raise ConfigError(f"{recipe.source}: {where}.data.columns.completion: the stage's rollout objective puts "
-                          f"demonstrations into its groups, but {stage.data.source!r} maps no demonstration column; "
-                          f"map the role 'completion' to one (its columns: {', '.join(sorted(rows[0]))})")
+        raise ConfigError(f"{where}.data.columns.completion: the stage's rollout objective puts demonstrations into "
+                          f"its groups, but {stage.data.source!r} maps no demonstration column; map the role "
+                          f"'completion' to one (its columns: {', '.join(sorted(rows[0]))})")
     prompts, dropped = rollout_prompts(examples, rows, columns, tokenizer, stage.data.max_length,
                                        demos=data.plan.reads_demos)
-    if not prompts:
-        raise ConfigError(f"{recipe.source}: {where}.data: every prompt of {stage.data.source!r} is longer than "
-                          f"max_length={stage.data.max_length} tokens")
+    require_prompts(len(prompts), stage.data, f"{where}.data")
     if data.plan.reads_demos:
-        check_demonstrations(prompts, data.plan, stage.rollout, f"{where}.data", recipe.source,
+        check_demonstrations(prompts, data.plan, stage.rollout, f"stages.{index}.data", recipe.source,
                              columns.get("completion", "completion"))
     data.prompts, data.stats = prompts, {"prompts": len(prompts), "dropped_overlong": dropped}
 
