@@ -320,7 +320,7 @@ def test_hybrid_data_without_demonstrations_stops_before_the_model(tiny_model_di
     chord = raw_recipe(tiny_model_dir, tmp_path / "chord", toy, {"grpo": {}, "sft": {}},
                        {"objectives": {"grpo": 1.0, "sft": 1.0}, "mixer": {"name": "chord"}})
     chord["data"] = {"source": str(data), "columns": {"prompt": "question", "answer": "answer"}, "max_length": 48}
-    with pytest.raises(ConfigError, match=r"stages\.0\.data: row 0 of .*prompts\.jsonl' has no completion"):
+    with pytest.raises(ConfigError, match=r"stages\.0\.data\.columns: '.*prompts\.jsonl' line 1 has no completion"):
         Trainer(parse_recipe(chord, "r.yaml"))
 
 
