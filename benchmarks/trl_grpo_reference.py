@@ -49,7 +49,7 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.tasks.arithmetic import ArithmeticConfig, generate
-    from rewards import exact
+    from posttrain.rewards import exact
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)

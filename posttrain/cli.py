@@ -18,9 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from posttrain.rewarding import RewardError
+
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError) as e:  # the user's input is wrong: say what, where; no traceback
+    except (ConfigError, FileNotFoundError, RewardError) as e:  # the input is wrong: say what, where; no traceback
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
 
@@ -152,7 +154,7 @@ def cmd_rewards_check(args) -> int:
 
 
 def cmd_list(args) -> int:
-    import rewards
+    from posttrain import rewards
     from posttrain.objectives import AGGREGATIONS, OBJECTIVES
     from posttrain.tasks import TASKS
 

@@ -18,6 +18,7 @@ from posttrain.configlib import ConfigError, build, field_doc, require
 from posttrain.experience import DEMO, PROMPT, Experience, pad_right
 
 ROLES = ("prompt", "completion", "messages", "answer")
+NOT_REWARD_COLUMNS = ("prompt", "completion", "completion_ids")   # passed as prompts= / completions= instead (TRL)
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -47,6 +48,16 @@ class Example:
     prompt: list[dict]             # chat messages before the assistant's answer
     completion: str | None         # the demonstration, if any
     columns: dict[str, Any]        # every raw column, plus `answer` when mapped
+    conversational: bool = False   # the data set's prompt was chat messages, not text
+
+    def reward_prompt(self) -> Any:
+        """The prompt as TRL hands it to reward functions: the messages if the data set's were, else the text."""
+        return self.prompt if self.conversational else self.prompt[-1]["content"]
+
+    def reward_completion(self, text: str) -> Any:
+        """A generated completion as TRL hands it to reward functions: a list of one assistant message for
+        conversational data, else the text."""
+        return [{"role": "assistant", "content": text}] if self.conversational else text
 
 
 @dataclass
@@ -134,8 +145,8 @@ def _example(row: dict, columns: dict[str, str], cfg: DataConfig, i: int) -> Exa
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
             raise ConfigError(f"{cfg.source!r} row {i}: column {columns['messages']!r} must be a list of chat messages")
         if msgs[-1].get("role") == "assistant":
-            return Example(system + msgs[:-1], msgs[-1]["content"], extra)
-        return Example(system + msgs, None, extra)
+            return Example(system + msgs[:-1], msgs[-1]["content"], extra, conversational=True)
+        return Example(system + msgs, None, extra, conversational=True)
     prompt = row[columns["prompt"]]
     prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not isinstance(prompt, (str, list)):
@@ -143,7 +154,7 @@ def _example(row: dict, columns: dict[str, str], cfg: DataConfig, i: int) -> Exa
     completion = row[columns["completion"]] if "completion" in columns else None
     if isinstance(completion, list):  # conversational completion: [{"role": "assistant", "content": ...}]
         completion = completion[-1]["content"]
-    return Example(system + prompt_msgs, completion, extra)
+    return Example(system + prompt_msgs, completion, extra, conversational=isinstance(prompt, list))
 
 
 def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: str = "data") -> tuple[list[Tokenized], TokenStats]:

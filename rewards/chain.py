@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 
 from posttrain.tasks.arithmetic import OPERATORS
-from rewards.answers import completion_text, extract_final_answer
-from rewards.registry import register
+from posttrain.rewards.answers import completion_text, extract_final_answer
+from posttrain.rewards.registry import register
 
 _QUESTION = re.compile(r"(\d+(?:\s*[-+*]\s*\d+)+)\s*\?")
 _LINE = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$")

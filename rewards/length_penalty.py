@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import functools
 
-from rewards.answers import completion_text
-from rewards.registry import REWARDS, register
+from posttrain.rewards.answers import completion_text
+from posttrain.rewards.registry import REWARDS, register
 
 
 def overlong_penalty(length: int, max_length: int, cache_length: int) -> float:

@@ -5,8 +5,8 @@ import functools
 import re
 import threading
 
-from rewards.answers import column, completion_text
-from rewards.registry import register
+from posttrain.rewards.answers import column, completion_text
+from posttrain.rewards.registry import register
 
 _DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\fbox|\\\(|\\\[")   # an unescaped $, \boxed, \fbox, \( or \[
 

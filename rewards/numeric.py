@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math as _math
 
-from rewards.answers import column, completion_text, marked_answer, numeric_answer
-from rewards.registry import register
+from posttrain.rewards.answers import column, completion_text, marked_answer, numeric_answer
+from posttrain.rewards.registry import register
 
 
 @register("gsm8k")

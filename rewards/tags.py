@@ -4,8 +4,8 @@ from __future__ import annotations
 import functools
 import re
 
-from rewards.answers import completion_text
-from rewards.registry import register
+from posttrain.rewards.answers import completion_text
+from posttrain.rewards.registry import register
 
 
 @functools.lru_cache(maxsize=64)

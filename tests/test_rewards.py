@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import rewards
-from rewards.answers import numeric_answer
-from rewards.code_tests import extract_code
+from posttrain import rewards
+from posttrain.rewards.answers import numeric_answer
+from posttrain.rewards.code_tests import extract_code
 
 GSM8K = Path(__file__).parents[2] / "shared/data/gsm8k"
 
@@ -247,7 +247,7 @@ def test_extract_code(text, code):
 # ------------------------------------------------------------------------------------------ lookup
 def test_lookup_by_name_module_and_file(tmp_path):
     assert rewards.get("gsm8k") is rewards.gsm8k
-    assert rewards.get("rewards.numeric:gsm8k") is rewards.gsm8k
+    assert rewards.get("posttrain.rewards.numeric:gsm8k") is rewards.gsm8k
     path = tmp_path / "my_reward.py"
     path.write_text("def brevity(completions, **kwargs):\n    return [-len(c) / 100 for c in completions]\n")
     fn = rewards.get(f"{path}:brevity")
@@ -336,7 +336,7 @@ def test_cli_rewards_help(argv, capsys):
 def test_steps_verifies_every_line_of_an_arithmetic_chain():
     """`steps` takes chat or text prompts, rejects a right answer reached through a wrong step, a skipped step or a
     reordered chain, and names the row whose prompt is not a chain."""
-    from rewards import steps
+    from posttrain.rewards import steps
     from posttrain.tasks.arithmetic import ArithmeticConfig, generate
 
     rows = generate(ArithmeticConfig(digits=1, num_ops=3, num_examples=20))
@@ -352,3 +352,23 @@ def test_steps_verifies_every_line_of_an_arithmetic_chain():
     assert steps([q] * len(cases), list(cases), answer=["0"] * len(cases)) == list(cases.values())
     with pytest.raises(ValueError, match=r"reward 'steps': row 1: the prompt has no arithmetic chain"):
         steps(["What is 2 + 3?", "Name a colour."], ["#### 5", "red"], answer=["5", "red"])
+
+
+def _modules_with_doctests() -> list[str]:
+    import doctest
+    import importlib
+    import pkgutil
+
+    names = [f"posttrain.rewards.{m.name}" for m in pkgutil.iter_modules(rewards.__path__)]
+    return [n for n in names if any(t.examples for t in doctest.DocTestFinder().find(importlib.import_module(n)))]
+
+
+@pytest.mark.parametrize("module", _modules_with_doctests())
+def test_doctests(module):
+    """The reward modules' doctests, under their installed name posttrain.rewards.* (pytest's --doctest-modules would
+    import the top-level rewards/ directory as a second package `rewards`)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} doctests of {module} failed (output above)"

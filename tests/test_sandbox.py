@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-import rewards
-from rewards import sandbox
-from rewards.sandbox import SandboxError, SandboxLimits, run_python
+from posttrain import rewards
+from posttrain.rewards import sandbox
+from posttrain.rewards.sandbox import SandboxError, SandboxLimits, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(timeout=3.0, cpu_seconds=2, memory_mb=512, max_processes=16)
