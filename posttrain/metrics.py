@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from posttrain.configlib import to_dict
+
 
 class MetricsLog:
     """Appends to metrics.jsonl (main process only) and forwards to accelerate's trackers."""
@@ -24,6 +26,33 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
+
+
+def init_trackers(accelerator, recipe) -> None:
+    """Start the recipe's trackers (logging.report_to) with the whole resolved recipe as the run's config, flattened
+    to the dotted keys an override would use (`stages.0.optim.lr`), since trackers take scalar values only. W&B
+    writes its files under the run directory (RUN_DIR/wandb), not the current directory."""
+    if not recipe.logging.report_to:
+        return
+    init_kwargs = {"wandb": {"dir": str(recipe.output_dir)}} if "wandb" in recipe.logging.report_to else {}
+    accelerator.init_trackers(recipe.logging.project, config=flat_config(to_dict(recipe)), init_kwargs=init_kwargs)
+
+
+def flat_config(value, prefix: str = "") -> dict:
+    """Nested config data as {dotted.key: scalar}; empty lists and mappings stay visible as '[]' / '{}'.
+
+    >>> flat_config({"optim": {"lr": 0.1, "betas": [0.9, 0.95]}, "stages": [{"name": "sft"}], "rewards": []})
+    {'optim.lr': 0.1, 'optim.betas.0': 0.9, 'optim.betas.1': 0.95, 'stages.0.name': 'sft', 'rewards': '[]'}
+    """
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else None
+    if items is None:
+        return {prefix: value}
+    out: dict = {}
+    for k, v in items:
+        out |= flat_config(v, f"{prefix}.{k}" if prefix else str(k))
+    if not out and prefix:
+        out[prefix] = "{}" if isinstance(value, dict) else "[]"
+    return out
 
 
 def _plain(v):

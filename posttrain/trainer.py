@@ -36,7 +36,7 @@ from posttrain.configlib import ConfigError
 from posttrain.data import EpochSampler, Tokenized, collate_demos, load_rows, to_examples, tokenize_demos
 from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
-from posttrain.metrics import MetricsLog, Progress
+from posttrain.metrics import MetricsLog, Progress, init_trackers
 from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
 from posttrain.objectives import Normalizer, aggregate, build_objective
 from posttrain.policy import forward
@@ -123,8 +123,7 @@ class Trainer:
                         for i, st in enumerate(recipe.stages) if st.rewards}
         self.resume_from = ckpt.resolve(self.run_dir, resume) if resume else None
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
-        if recipe.logging.report_to:
-            acc.init_trackers(recipe.logging.project)
+        init_trackers(acc, recipe)
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self) -> dict:

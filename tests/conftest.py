@@ -46,7 +46,12 @@ def sft_recipe(model_dir: Path, out_dir: Path, steps: int = 4, overrides: list[s
     from posttrain.config import parse_recipe
     from posttrain.configlib import apply_overrides
 
-    raw = {
+    return parse_recipe(apply_overrides(sft_raw(model_dir, out_dir, steps), overrides or []), "test-recipe")
+
+
+def sft_raw(model_dir: Path, out_dir: Path, steps: int = 4) -> dict:
+    """`sft_recipe` as plain recipe data (to write as a YAML file for `posttrain train` in a subprocess)."""
+    return {
         "output_dir": str(out_dir), "seed": 0,
         "model": {"path": str(model_dir)},
         "data": {"source": "task:arithmetic", "max_length": 48,
@@ -58,7 +63,6 @@ def sft_recipe(model_dir: Path, out_dir: Path, steps: int = 4, overrides: list[s
         "logging": {"report_to": [], "progress_bar": False},
         "stages": [{"name": "sft", "objectives": {"sft": 1.0}, "train": {"steps": steps}}],
     }
-    return parse_recipe(apply_overrides(raw, overrides or []), "test-recipe")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
