@@ -23,7 +23,7 @@ COPY posttrain ./posttrain
 COPY rewards ./rewards
 RUN pip install \
         transformers==5.23.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0 deepspeed==0.19.8 datasets==5.2.0 \
-        tokenizers==0.23.3 math-verify==0.9.0 tensorboard==2.21.0 pyyaml==6.0.3 tqdm==4.70.1 \
+        tokenizers==0.23.3 math-verify==0.9.0 tensorboard==2.21.0 pyyaml==6.0.3 tqdm==4.70.1 matplotlib==3.11.2 \
     && pip install --no-deps -e .
 COPY recipes ./recipes
 COPY launch ./launch

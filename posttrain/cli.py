@@ -1,4 +1,4 @@
-"""The `posttrain` command: train, tiny-model, config show, eval, rewards check, list."""
+"""The `posttrain` command: train, tiny-model, config show, eval, rewards check, report, list."""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from posttrain.report import ReportError
     from posttrain.rewarding import RewardError
 
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, RewardError) as e:  # the input is wrong: say what, where; no traceback
+    except (ConfigError, FileNotFoundError, RewardError, ReportError) as e:  # bad input: what, where; no traceback
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
 
@@ -80,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--batch-size", type=int, default=64, help="completions per reward call (default: 64)")
     chk.add_argument("--json", action="store_true", help="print the summary as JSON")
     chk.set_defaults(func=cmd_rewards_check)
+
+    rep = sub.add_parser("report", help="plots and a summary of runs from their metrics.jsonl",
+                         description="Write one PNG per group of metrics (loss, optimizer, throughput, reward, KL and "
+                         "entropy, clipping, completion length, objective mix, evaluation, time) with every run "
+                         "overlaid, and report.md: final and best held-out accuracy, wall time per stage, the time "
+                         "split of an RL step.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
+    rep.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report for one run, ./report for "
+                     "several)")
+    rep.set_defaults(func=cmd_report)
 
     ls = sub.add_parser("list", help="list registered components", description="Registered objectives, "
                         "aggregations, rewards, rollout engines and tasks.")
@@ -150,6 +161,17 @@ def cmd_rewards_check(args) -> int:
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
     summary = check_reward(spec, prompts, [row[column] for row in rows], columns, args.batch_size)
     print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from posttrain.report import write_report
+
+    out = Path(args.out or (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else "report"))
+    shown = write_report(args.run_dirs, out)
+    print(f"report: {len(shown)} figures ({', '.join(shown)}) and report.md in {out}")
     return 0
 
 
