@@ -46,10 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="inspect recipes", description="Inspect recipes.")
     csub = c.add_subparsers(title="config commands", metavar="COMMAND")
-    show = csub.add_parser("show", help="print the resolved recipe", description="Print the recipe after overrides, "
-                           "validation and defaults.", epilog=EPILOG_OVERRIDES)
-    show.add_argument("recipe")
+    show = csub.add_parser("show", help="print the resolved recipe, or the reference of every recipe key",
+                           description="Print the recipe after overrides, validation and defaults; or, with --doc, "
+                           "every key a recipe may hold (type, default, help), or those under SECTION.",
+                           epilog=EPILOG_OVERRIDES + ". Reference: posttrain config show --doc [optim | rollout.sampling "
+                           "| objectives.grpo | ...]")
+    show.add_argument("recipe", nargs="?", help="a recipe YAML (not needed with --doc)")
     show.add_argument("overrides", nargs="*")
+    show.add_argument("--doc", nargs="?", const="", metavar="SECTION", help="print the reference of every recipe key "
+                      "(or of SECTION: a top-level key or dotted prefix) instead of a recipe")
     show.set_defaults(func=cmd_config_show)
 
     e = sub.add_parser("eval", help="greedy accuracy of a model with a verifier",
@@ -121,6 +126,19 @@ def cmd_tiny_model(args) -> int:
 
 def cmd_config_show(args) -> int:
     from posttrain.config import resolved_dict
+
+    if args.doc is not None:
+        from posttrain.configdoc import recipe_doc
+
+        section = args.doc or ""
+        if args.recipe is not None and not section:       # `config show --doc optim` parses optim as the recipe
+            section, args.recipe = args.recipe, None
+        if args.recipe is not None or args.overrides:
+            raise ConfigError("--doc takes one SECTION and no recipe or overrides")
+        print(recipe_doc(section), end="")
+        return 0
+    if args.recipe is None:
+        raise ConfigError("config show: give a RECIPE (or --doc for the reference of every key)")
 
     print(yaml.safe_dump(resolved_dict(args.recipe, args.overrides), sort_keys=False), end="")
     return 0

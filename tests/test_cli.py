@@ -43,6 +43,32 @@ def test_config_show_prints_the_resolved_recipe(capsys):
     assert shown["stages"][1]["optim"]["lr"] == 3e-4       # a stage's own setting wins over the top-level default
 
 
+def test_config_show_doc_lists_every_key_with_type_default_and_help(capsys):
+    import dataclasses
+
+    from posttrain.config import OptimConfig
+    from posttrain.objectives import OBJECTIVES
+
+    assert main(["config", "show", "--doc"]) == 0
+    full = capsys.readouterr().out
+    assert "optim.lr: float = 1.0e-05\n    peak learning rate\n" in full
+    assert "schedule.name: cosine | linear | constant = cosine\n" in full
+    assert "rewards.N.factory: mapping of str -> any | null = null\n" in full
+    assert "stages.N.objectives: mapping of str -> float = (required)\n" in full
+    for name in OBJECTIVES.names():                    # every registered objective's own settings
+        for f in dataclasses.fields(OBJECTIVES.get(name).config_cls):
+            if f.name != "type":
+                assert f"\nobjectives.{name}.{f.name}: " in full, (name, f.name)
+    assert main(["config", "show", "--doc", "optim"]) == 0
+    section = capsys.readouterr().out
+    assert [line.split(":")[0] for line in section.splitlines() if not line.startswith(" ")] == \
+        ["optim"] + [f"optim.{f.name}" for f in dataclasses.fields(OptimConfig)]
+    assert main(["config", "show", "--doc", "rollout.sampling"]) == 0
+    assert capsys.readouterr().out.startswith("rollout.sampling: SamplingConfig\n")
+    assert main(["config", "show", "--doc", "optim.lrr"]) == 2
+    assert "--doc: no recipe key 'optim.lrr'; sections: data, eval" in capsys.readouterr().err
+
+
 def test_bad_override_is_a_clean_error():
     proc = _run("config", "show", "recipes/quickstart.yaml", "optim.lr=abc", check=False)
     assert proc.returncode == 2
