@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -109,8 +110,11 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     results = train(recipe, resume=args.resume)
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if k.startswith(("eval/", "loss"))}
-    print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in {recipe.output_dir}/metrics.jsonl")
+    if os.environ.get("RANK", "0") == "0":          # one summary line, not one per process
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()
+                 if k.startswith(("eval/", "loss"))}
+        print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in "
+              f"{recipe.output_dir}/metrics.jsonl")
     return 0
 
 
