@@ -30,19 +30,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, RL with verifiable rewards, and hybrids.")
+    p = argparse.ArgumentParser(prog="posttrain",
+                                description="LLM post-training: SFT, RL with verifiable rewards, and hybrids.")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a recipe", description="Run a recipe's stages.", epilog=EPILOG_OVERRIDES)
     t.add_argument("recipe", help="path to a recipe YAML")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory, or 'auto' for the run's newest")
+    t.add_argument("--resume", metavar="CKPT",
+                   help="continue from a checkpoint directory, or 'auto' for the run's newest")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2 model", description="Build the embedded tiny "
                        "Qwen2-architecture model and tokenizer into OUT_DIR (loadable by plain transformers).")
     m.add_argument("out_dir")
-    m.add_argument("overrides", nargs="*", help="size settings, e.g. hidden_size=256 num_layers=4 corpus=task:arithmetic seed=1")
+    m.add_argument("overrides", nargs="*",
+                   help="size settings, e.g. hidden_size=256 num_layers=4 corpus=task:arithmetic seed=1")
     m.set_defaults(func=cmd_tiny_model)
 
     c = sub.add_parser("config", help="inspect recipes", description="Inspect recipes.")
@@ -50,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the resolved recipe, or the reference of every recipe key",
                            description="Print the recipe after overrides, validation and defaults; or, with --doc, "
                            "every key a recipe may hold (type, default, help), or those under SECTION.",
-                           epilog=EPILOG_OVERRIDES + ". Reference: posttrain config show --doc [optim | rollout.sampling "
-                           "| objectives.grpo | ...]")
+                           epilog=EPILOG_OVERRIDES + ". Reference: posttrain config show --doc "
+                           "[optim | rollout.sampling | objectives.grpo | ...]")
     show.add_argument("recipe", nargs="?", help="a recipe YAML (not needed with --doc)")
     show.add_argument("overrides", nargs="*")
     show.add_argument("--doc", nargs="?", const="", metavar="SECTION", help="print the reference of every recipe key "
@@ -61,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="greedy accuracy of a model with a verifier",
                        description="Greedy accuracy of MODEL on DATA (task:<name>, a file, or a hub data set), "
                        "verified by a reward.", epilog="Settings: reward=exact num_samples=200 max_new_tokens=64 "
-                       "batch_size=64 threshold=1.0 data.split=test data.task.digits=3 data.columns.prompt=question ...")
+                       "batch_size=64 threshold=1.0 data.split=test data.task.digits=3 "
+                       "data.columns.prompt=question ...")
     e.add_argument("model", help="model directory or hub name")
     e.add_argument("data", help="task:<name>, a data file, or a hub data set")
     e.add_argument("overrides", nargs="*", help="dotted key=value eval settings")
@@ -177,7 +181,8 @@ def cmd_rewards_check(args) -> int:
     rows, roles = load_rows(DataConfig(source=args.data, split=args.split, limit=args.limit), "--data")
     column = args.column or ("answer" if args.gold else "completion")
     if column not in rows[0]:
-        raise ConfigError(f"--column: {args.data!r} has no column {column!r}; its columns: {', '.join(sorted(rows[0]))}")
+        raise ConfigError(f"--column: {args.data!r} has no column {column!r}; its columns: "
+                          f"{', '.join(sorted(rows[0]))}")
     prompt_col = roles.get("prompt") or next((c for c in ("prompt", "question") if c in rows[0]), None)
     prompts = [row.get(prompt_col, "") if prompt_col else "" for row in rows]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}

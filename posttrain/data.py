@@ -26,7 +26,8 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv"
 class DataConfig:
     """Where examples come from and how they become tokens."""
 
-    source: str = field_doc(doc="task:<name> (synthetic), a local .jsonl/.json/.parquet/.csv file, or a hub data set name")
+    source: str = field_doc(doc="task:<name> (synthetic), a local .jsonl/.json/.parquet/.csv file, or a hub data set "
+                                "name")
     split: str = field_doc("train", "split to read (hub data sets and synthetic tasks)")
     subset: str | None = field_doc(None, "hub configuration name (e.g. 'main' for openai/gsm8k)")
     columns: dict[str, str] = field_doc(factory=dict, doc="role -> column: prompt, completion, messages, answer")
@@ -89,7 +90,8 @@ def load_rows(cfg: DataConfig, where: str = "data") -> tuple[list[dict], dict[st
         rows, columns = _load_dataset_rows(cfg, where), dict(cfg.columns)
     rows = rows[: cfg.limit] if cfg.limit else rows
     if not rows:
-        raise ConfigError(f"{where}.source {cfg.source!r}: the data set is empty (split {cfg.split!r}, limit {cfg.limit})")
+        raise ConfigError(f"{where}.source {cfg.source!r}: the data set is empty (split {cfg.split!r}, "
+                          f"limit {cfg.limit})")
     return rows, columns
 
 
@@ -102,7 +104,8 @@ def _load_dataset_rows(cfg: DataConfig, where: str) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"{where}.source: data file {cfg.source!r} not found")
         if path.suffix not in FILE_FORMATS:
-            raise ConfigError(f"{where}.source: {cfg.source!r} has an unknown format; expected one of {', '.join(FILE_FORMATS)}")
+            raise ConfigError(f"{where}.source: {cfg.source!r} has an unknown format; expected one of "
+                              f"{', '.join(FILE_FORMATS)}")
         if not path.read_text(errors="replace").strip() if path.suffix != ".parquet" else path.stat().st_size == 0:
             raise ConfigError(f"{where}.source: data file {cfg.source!r} is empty")
         try:
@@ -157,7 +160,8 @@ def _example(row: dict, columns: dict[str, str], cfg: DataConfig, i: int) -> Exa
     return Example(system + prompt_msgs, completion, extra, conversational=isinstance(prompt, list))
 
 
-def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: str = "data") -> tuple[list[Tokenized], TokenStats]:
+def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig,
+                   where: str = "data") -> tuple[list[Tokenized], TokenStats]:
     """Prompt + demonstration token ids with the prompt length; over-long ones truncated or dropped."""
     stats, out = TokenStats(), []
     for i, ex in enumerate(examples):
@@ -165,7 +169,8 @@ def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: s
             raise ConfigError(f"{where}: row {i} of {cfg.source!r} has no completion; a demonstration objective needs "
                              "the role 'completion' (or a final assistant message) mapped to a column")
         prompt_text = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=False)
-        full_text = tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}], tokenize=False)
+        full_text = tokenizer.apply_chat_template(ex.prompt + [{"role": "assistant", "content": ex.completion}],
+                                                  tokenize=False)
         if not full_text.startswith(prompt_text):
             raise ConfigError(f"{where}: row {i}: the chat template renders the conversation so that it does not start "
                              "with the rendered prompt; cannot separate prompt from completion")
@@ -179,7 +184,8 @@ def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: s
         out.append(Tokenized(ids, len(prompt_ids), ex.columns))
     stats.kept = len(out)
     if not out:
-        raise ConfigError(f"{where}: every example of {cfg.source!r} is longer than max_length={cfg.max_length} and was dropped")
+        raise ConfigError(f"{where}: every example of {cfg.source!r} is longer than max_length={cfg.max_length} and "
+                          "was dropped")
     return out, stats
 
 

@@ -50,7 +50,8 @@ def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_toke
     return [o[0] for o in outs]
 
 
-def verdicts(cfg: EvalConfig, examples: list[Example], completions: list[Completion], where: str = "eval") -> list[float]:
+def verdicts(cfg: EvalConfig, examples: list[Example], completions: list[Completion],
+             where: str = "eval") -> list[float]:
     """1.0 / 0.0 per example: is the verifier's reward >= cfg.threshold? A sample it abstains on (None) counts as
     wrong. Scored by `score_batch`, so a failing verifier raises a RewardError naming it (on_error: raise)."""
     reward = load_reward(RewardSpec(name=cfg.reward), f"{where}.reward", "eval")

@@ -1,4 +1,4 @@
-"""Verifiable reward functions: `posttrain.rewards` (`from posttrain.rewards import gsm8k`; `posttrain.rewards.get(...)`).
+"""Verifiable reward functions, the package `posttrain.rewards` (`from posttrain.rewards import gsm8k`).
 
 The files live in the repository's top-level `rewards/` directory, installed as the package `posttrain.rewards`
 (pyproject.toml `package-dir`); a top-level `rewards` package is not installed.
@@ -13,13 +13,13 @@ Built-ins (each a plain function with TRL's signature, settings as keyword argum
     code      fraction of assert tests passed, run in the sandbox        rewards/code_tests.py, rewards/sandbox.py
 Running them on a batch (concurrency, timeouts, errors, weights, metrics): posttrain/rewarding/.
 """
-from posttrain.rewards.registry import REWARDS, get, register
-from posttrain.rewards.exact_match import exact
 from posttrain.rewards.chain import steps
-from posttrain.rewards.numeric import gsm8k
-from posttrain.rewards.math_equiv import math
-from posttrain.rewards.tags import format
-from posttrain.rewards.length_penalty import length, overlong
 from posttrain.rewards.code_tests import code
+from posttrain.rewards.exact_match import exact
+from posttrain.rewards.length_penalty import length, overlong
+from posttrain.rewards.math_equiv import math
+from posttrain.rewards.numeric import gsm8k
+from posttrain.rewards.registry import REWARDS, get, register
+from posttrain.rewards.tags import format
 
 __all__ = ["REWARDS", "get", "register", "exact", "steps", "gsm8k", "math", "format", "overlong", "length", "code"]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from posttrain.tasks.arithmetic import OPERATORS
 from posttrain.rewards.answers import completion_text, extract_final_answer
 from posttrain.rewards.registry import register
+from posttrain.tasks.arithmetic import OPERATORS
 
 _QUESTION = re.compile(r"(\d+(?:\s*[-+*]\s*\d+)+)\s*\?")
 _LINE = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$")

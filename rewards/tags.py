@@ -12,7 +12,8 @@ from posttrain.rewards.registry import register
 def layout_regex(tags: tuple[str, ...], strict: bool) -> re.Pattern:
     """The regex of `tags` in order: each `<tag>...</tag>` once; `strict` allows only whitespace around them."""
     if not tags or not all(re.fullmatch(r"[\w.:-]+", t) for t in tags):
-        raise ValueError(f"format: tags must be a non-empty list of tag names (letters, digits, _.:-), got {list(tags)}")
+        raise ValueError(f"format: tags must be a non-empty list of tag names (letters, digits, _.:-), "
+                         f"got {list(tags)}")
     blocks = [rf"<{t}>(?:(?!</?{t}>).)*</{t}>" for t in map(re.escape, tags)]
     if strict:
         return re.compile(r"\s*" + r"\s*".join(blocks) + r"\s*", re.DOTALL)

@@ -14,7 +14,8 @@ from conftest import REPO, read_metrics, tiny_recipe_overrides
 
 
 def _run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "posttrain", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "posttrain", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -72,7 +73,8 @@ def test_config_show_doc_lists_every_key_with_type_default_and_help(capsys):
 def test_bad_override_is_a_clean_error():
     proc = _run("config", "show", "recipes/quickstart.yaml", "optim.lr=abc", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "posttrain: error: recipes/quickstart.yaml: optim.lr: expected a number, got 'abc' (str)"
+    assert proc.stderr.strip() == ("posttrain: error: recipes/quickstart.yaml: optim.lr: expected a number, "
+                                   "got 'abc' (str)")
 
 
 def test_tiny_model_and_eval_commands(tmp_path):
@@ -87,12 +89,13 @@ def test_tiny_model_and_eval_commands(tmp_path):
 
 
 def test_gsm8k_sft_recipe_runs_offline(tiny_model_dir, tmp_path, gsm8k_dir):
-    recipe = load_recipe(REPO / "recipes/gsm8k/qwen2.5-0.5b-sft.yaml", tiny_recipe_overrides(tiny_model_dir, tmp_path / "run") + [
-        f"data.source={gsm8k_dir / 'train.jsonl'}", "data.limit=64", "model.dtype=float32", "model.gradient_checkpointing=false",
-        "model.precision=fp32", "train.batch_size=8", "train.micro_batch_size=4", "train.log_every=1",
-        "stages.0.train.steps=3", "stages.0.train.epochs=null", "stages.0.train.eval_every=0",
-        f"eval.data.source={gsm8k_dir / 'test.jsonl'}", "eval.num_samples=4", "eval.max_new_tokens=8", "eval.batch_size=4",
-        "train.save_every=0"])
+    base = tiny_recipe_overrides(tiny_model_dir, tmp_path / "run")
+    recipe = load_recipe(REPO / "recipes/gsm8k/qwen2.5-0.5b-sft.yaml", base + [
+        f"data.source={gsm8k_dir / 'train.jsonl'}", "data.limit=64", "model.dtype=float32",
+        "model.gradient_checkpointing=false", "model.precision=fp32", "train.batch_size=8", "train.micro_batch_size=4",
+        "train.log_every=1", "stages.0.train.steps=3", "stages.0.train.epochs=null", "stages.0.train.eval_every=0",
+        f"eval.data.source={gsm8k_dir / 'test.jsonl'}", "eval.num_samples=4", "eval.max_new_tokens=8",
+        "eval.batch_size=4", "train.save_every=0"])
     result = train(recipe)
     rows = read_metrics(tmp_path / "run")
     assert rows[0]["data/examples"] + rows[0]["data/dropped_overlong"] == 64

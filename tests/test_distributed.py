@@ -41,7 +41,8 @@ for ((i = 0; i < SLURM_NNODES; i++)); do echo 127.0.0.1; done
 def _recipe(model_dir: Path, out: Path) -> dict:
     return {
         "output_dir": str(out), "seed": 0, "model": {"path": str(model_dir)},
-        "data": {"source": "task:arithmetic", "max_length": 48, "task": {"digits": 1, "num_ops": 1, "ops": "+", "num_examples": 256}},
+        "data": {"source": "task:arithmetic", "max_length": 48,
+                 "task": {"digits": 1, "num_ops": 1, "ops": "+", "num_examples": 256}},
         "objectives": {"sft": {}},
         "train": {"batch_size": 8, "micro_batch_size": 4, "log_every": 1},
         "optim": {"lr": 1e-3, "weight_decay": 0.0}, "schedule": {"name": "constant", "warmup_steps": 0},
@@ -59,7 +60,7 @@ def _free_port() -> int:
 def _env(**extra) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"     # this venv's accelerate
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/posttrain/torch_extensions"))  # DeepSpeed's JIT ops
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/posttrain/torch_extensions"))  # DeepSpeed JIT
     return env
 
 

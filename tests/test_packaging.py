@@ -9,10 +9,10 @@ in this environment; vLLM's is `.ci/vllm-env.sh`'s, the one the vLLM suite runs.
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib.metadata import PackageNotFoundError, version
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

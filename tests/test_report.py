@@ -100,4 +100,5 @@ def test_bad_metrics_files_are_named_errors(tmp_path, capsys, content, message):
 
 def test_a_directory_without_metrics(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"posttrain: error: {tmp_path}: no metrics.jsonl here (is it a run directory?)"
+    assert capsys.readouterr().err.strip() == (f"posttrain: error: {tmp_path}: no metrics.jsonl here "
+                                               "(is it a run directory?)")

@@ -10,8 +10,16 @@ import time
 import pytest
 
 from posttrain.configlib import ConfigError
-from posttrain.rewarding import (Reward, RewardError, RewardSpec, build_reward_specs, combine, load_rewards,
-                                 reward_metrics, score_batch)
+from posttrain.rewarding import (
+    Reward,
+    RewardError,
+    RewardSpec,
+    build_reward_specs,
+    combine,
+    load_rewards,
+    reward_metrics,
+    score_batch,
+)
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 COMPLETIONS = ["#### 1", "#### 2", "#### 3", "#### 4"]
@@ -40,8 +48,10 @@ def test_spec_from_a_recipe_list():
 
 
 @pytest.mark.parametrize("raw,message", [
-    ({"name": "gsm8k", "wieght": 1}, r"rewards.0.wieght: unknown key; allowed keys here: alias, executor, factory, kwargs"),
-    ({"name": "gsm8k", "on_error": "ignore"}, r"rewards.0.on_error: got 'ignore' \(str\); allowed: 'raise', 'zero', 'none'"),
+    ({"name": "gsm8k", "wieght": 1},
+     r"rewards.0.wieght: unknown key; allowed keys here: alias, executor, factory, kwargs"),
+    ({"name": "gsm8k", "on_error": "ignore"},
+     r"rewards.0.on_error: got 'ignore' \(str\); allowed: 'raise', 'zero', 'none'"),
     ({"name": "gsm8k", "weight": "nan"}, r"rewards.0.weight: must be a finite number"),
     ({"name": "gsm8k", "timeout": 0}, r"rewards.0.timeout: must be > 0 seconds or null"),
     ({"name": "gsm8k", "alias": "a/b"}, r"rewards.0.alias: letters, digits"),
@@ -64,8 +74,8 @@ def test_load_resolves_and_checks(tmp_path):
         load_rewards(build_reward_specs(["gsm8k", "gsm8k"]))
     with pytest.raises(ConfigError, match=r"rewards.0.name: unknown reward 'gsm9k'; registered: code, exact"):
         load_rewards(build_reward_specs(["gsm9k"]))
-    with pytest.raises(ConfigError, match=r"rewards.0.kwargs.gold_colum: not a setting of reward 'gsm8k'; its settings: "
-                                          r"abs_tol, gold_column, partial, rel_tol"):
+    with pytest.raises(ConfigError, match=r"rewards.0.kwargs.gold_colum: not a setting of reward 'gsm8k'; "
+                                          r"its settings: abs_tol, gold_column, partial, rel_tol"):
         load_rewards(build_reward_specs([{"name": "gsm8k", "kwargs": {"gold_colum": "x"}}]))
     with pytest.raises(ConfigError, match=r"must accept `completions` by keyword"):
         load_rewards(build_reward_specs([f"{path}:no_completions"]))
@@ -96,9 +106,11 @@ def test_settings_are_bound_and_clashes_reported():
         return [scale] * len(completions)
 
     assert run(make(scaled, kwargs={"scale": 3.0})).values["scaled"] == [3.0] * 4
-    with pytest.raises(RewardError, match=r"reward 'scaled': the name 'answer' is both a data column and a reward argument"):
+    with pytest.raises(RewardError,
+                       match=r"reward 'scaled': the name 'answer' is both a data column and a reward argument"):
         run(make(scaled, kwargs={"answer": 1}))
-    with pytest.raises(ConfigError, match=r"kwargs.scal: not a setting of reward 'scaled'; its settings: answer, scale"):
+    with pytest.raises(ConfigError,
+                       match=r"kwargs.scal: not a setting of reward 'scaled'; its settings: answer, scale"):
         make(scaled, kwargs={"scal": 1})
 
 
@@ -169,8 +181,8 @@ def test_thread_timeout_is_reported_and_abandoned():
         return [1.0] * len(completions)
 
     start = time.monotonic()
-    with pytest.raises(RewardError, match=r"reward 'slow': timed out after 0.3s on a batch of 4 completions; its thread is "
-                                          r"abandoned"):
+    with pytest.raises(RewardError, match=r"reward 'slow': timed out after 0.3s on a batch of 4 completions; "
+                                          r"its thread is abandoned"):
         run(make(slow, timeout=0.3))
     assert time.monotonic() - start < 2.5
     batch = run(make(slow, timeout=0.3, on_error="zero"))

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from posttrain.config import load_recipe, parse_recipe
@@ -174,10 +174,10 @@ def _builder(tiny_model_dir, reward: str, objective: dict, rollout: dict):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from posttrain.config import _build_objective
     from posttrain.configlib import build
     from posttrain.data import DataConfig, load_rows, to_examples
     from posttrain.objectives import build_objective
-    from posttrain.config import _build_objective
     from posttrain.rewarding import RewardSpec, load_rewards
     from posttrain.rl.builder import RLPlan, RolloutBuilder, rollout_prompts
     from posttrain.rl.config import RolloutConfig

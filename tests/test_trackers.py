@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, read_metrics, sft_raw
+from conftest import read_metrics, sft_raw
 
 wandb = pytest.importorskip("wandb")
 
 
 def wandb_records(path: Path):
     """The protobuf Records of a .wandb file: a 7-byte header (':W&B', magic, version), then 32 KiB blocks of
-    chunks `crc32 (4) | length (2) | type (1) | payload`, type 1 = a whole record, 2/3/4 = its first/middle/last part."""
+    chunks `crc32 (4) | length (2) | type (1) | payload`, type 1 = a whole record, 2/3/4 = its first/middle/last
+    part."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
@@ -63,7 +64,8 @@ def test_wandb_offline_and_tensorboard_get_metrics_and_the_recipe(tiny_model_dir
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             history[row["_step"]] = row
         elif kind == "config":
-            config |= {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.config.update}
+            config |= {item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                       for item in record.config.update}
         elif kind == "run":
             project = record.run.project
     assert project == "eco-test"

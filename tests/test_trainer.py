@@ -20,12 +20,14 @@ def _step_rows(run_dir):
 
 
 def test_grad_accumulation_8x1_equals_1x8(tiny_model_dir, tmp_path):
-    one = sft_recipe(tiny_model_dir, tmp_path / "one", steps=1, overrides=["train.micro_batch_size=8", "schedule.warmup_steps=0"])
-    eight = sft_recipe(tiny_model_dir, tmp_path / "eight", steps=1, overrides=["train.micro_batch_size=1", "schedule.warmup_steps=0"])
+    one = sft_recipe(tiny_model_dir, tmp_path / "one", steps=1,
+                     overrides=["train.micro_batch_size=8", "schedule.warmup_steps=0"])
+    eight = sft_recipe(tiny_model_dir, tmp_path / "eight", steps=1,
+                       overrides=["train.micro_batch_size=1", "schedule.warmup_steps=0"])
     train(one), train(eight)
     a, b = _step_rows(tmp_path / "one")[0], _step_rows(tmp_path / "eight")[0]
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # the accumulated gradient itself, not just Adam's sign
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # the accumulated gradient, not just Adam's sign
     wa, wb, w0 = _weights(tmp_path / "one/final"), _weights(tmp_path / "eight/final"), _weights(tiny_model_dir)
     assert max((wa[k] - w0[k]).abs().max().item() for k in w0) > 1e-4  # the step did move the weights
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
@@ -125,13 +127,12 @@ def test_progress_is_plain_lines_when_not_a_terminal():
 
 
 def test_progress_is_a_bar_on_a_terminal():
-    import os
-
-    from posttrain.metrics import Progress
-
     import fcntl
+    import os
     import struct
     import termios
+
+    from posttrain.metrics import Progress
 
     master, replica = os.openpty()
     fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a fresh pty is 0 columns wide
@@ -149,4 +150,5 @@ def test_reward_summary_line():
     from posttrain.trainer import reward_summary
 
     line = reward_summary("grpo", [0.0] * 15 + [0.5] * 120 + [0.3] * 15, 0.426)
-    assert line == "stage grpo: reward/mean 0.000 (first 15 steps) -> 0.300 (last 15 steps) over 150 steps; eval/accuracy 0.426"
+    assert line == ("stage grpo: reward/mean 0.000 (first 15 steps) -> 0.300 (last 15 steps) over 150 steps; "
+                    "eval/accuracy 0.426")
