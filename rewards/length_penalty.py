@@ -1,4 +1,4 @@
-"""`overlong` (alias `length`): DAPO's soft overlong punishment, arXiv 2503.14476 (eq. 13)."""
+"""`overlong` (alias `length`): DAPO's soft overlong punishment, arXiv 2503.14476 (eq. 13; docs/provenance.md)."""
 from __future__ import annotations
 
 import functools
