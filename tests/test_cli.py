@@ -77,15 +77,27 @@ def test_bad_override_is_a_clean_error():
                                    "got 'abc' (str)")
 
 
+def _arithmetic_test_rows(n: int) -> list[dict]:
+    from posttrain.data import DataConfig, load_rows
+
+    rows, _ = load_rows(DataConfig(source="task:arithmetic", split="test", limit=n), "data")
+    return rows
+
+
 def test_tiny_model_and_eval_commands(tmp_path):
     _run("tiny-model", str(tmp_path / "m"), "hidden_size=32", "num_heads=2", "num_kv_heads=1", "intermediate_size=64")
     assert (tmp_path / "m/config.json").is_file()
     proc = _run("eval", str(tmp_path / "m"), "task:arithmetic", "num_samples=8", "max_new_tokens=4",
                 "--output", str(tmp_path / "ev.jsonl"))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["eval/num_samples"] == 8 and 0.0 <= result["eval/accuracy"] <= 1.0
     rows = [json.loads(x) for x in (tmp_path / "ev.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and {"prompt", "completion", "correct"} <= set(rows[0])
+    assert len(rows) == result["eval/num_samples"] == 8 and {"prompt", "completion", "correct"} <= set(rows[0])
+    assert {r["correct"] for r in rows} <= {0.0, 1.0}
+    assert result["eval/accuracy"] == sum(r["correct"] for r in rows) / 8     # the verdicts it wrote, averaged
+    from posttrain.rewards import exact                                           # the default verifier, re-applied
+    answers = [row["answer"] for row in _arithmetic_test_rows(8)]
+    assert [r["correct"] for r in rows] == exact([r["prompt"] for r in rows], [r["completion"] for r in rows],
+                                                 answer=answers)
 
 
 def test_gsm8k_sft_recipe_runs_offline(tiny_model_dir, tmp_path, gsm8k_dir):
