@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="write every prompt, completion and verdict to this JSONL file")
     e.set_defaults(func=cmd_eval)
 
+    _add_rewards_and_report(sub)
+
+    ls = sub.add_parser("list", help="list registered components", description="Registered objectives, "
+                        "aggregations, rewards, rollout engines and tasks.")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def _add_rewards_and_report(sub) -> None:
+    """The `rewards check` and `report` commands."""
     r = sub.add_parser("rewards", help="inspect reward functions", description="Inspect reward functions.")
     rsub = r.add_subparsers(title="rewards commands", metavar="COMMAND")
     chk = rsub.add_parser("check", help="score a data set with a reward and print the distribution",
@@ -101,11 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report for one run, ./report for "
                      "several)")
     rep.set_defaults(func=cmd_report)
-
-    ls = sub.add_parser("list", help="list registered components", description="Registered objectives, "
-                        "aggregations, rewards, rollout engines and tasks.")
-    ls.set_defaults(func=cmd_list)
-    return p
 
 
 def cmd_train(args) -> int:
