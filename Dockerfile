@@ -17,13 +17,15 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /workspace
 # vLLM first: it pins the CUDA build of torch it was compiled against; everything else adapts to that torch.
-RUN pip install vllm==0.33.0
+# Every pin is the version the tests run with (tests/test_packaging.py checks it; vLLM's is .ci/vllm-env.sh's).
+RUN pip install vllm==0.32.0
 COPY pyproject.toml README.md ./
 COPY posttrain ./posttrain
 COPY rewards ./rewards
 RUN pip install \
-        transformers==5.23.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0 deepspeed==0.19.8 datasets==5.2.0 \
-        tokenizers==0.23.3 math-verify==0.9.0 tensorboard==2.21.0 pyyaml==6.0.3 tqdm==4.70.1 \
+        transformers==5.24.0 trl==1.16.0 peft==0.21.2 accelerate==1.15.0 deepspeed==0.19.8 datasets==5.2.0 \
+        tokenizers==0.23.3 math-verify==0.9.0 tensorboard==2.21.0 pyyaml==6.0.4 tqdm==4.70.1 safetensors==0.8.0 \
+        matplotlib==3.11.2 \
     && pip install --no-deps -e .
 COPY recipes ./recipes
 COPY launch ./launch

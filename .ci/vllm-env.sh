@@ -54,7 +54,8 @@ import importlib.util, pathlib, sys
 spec = importlib.util.find_spec("posttrain")
 here = pathlib.Path(spec.origin).resolve() if spec and spec.origin else None
 assert here is not None and here.is_relative_to(pathlib.Path(sys.argv[1]).resolve())
-assert all(importlib.util.find_spec(m) for m in ("pytest", "trl", "peft", "deepspeed"))
+assert all(importlib.util.find_spec(m) for m in ("pytest", "trl", "peft", "deepspeed", "matplotlib"))
+assert importlib.util.find_spec("posttrain.rewards") is not None   # installs older than the package-dir mapping lack it
 ' "$REPO" 2>/dev/null; then
     log "installing $REPO[test] (editable: pytest, deepspeed)"
     pip_step install -q -e "$REPO[test]"

@@ -93,9 +93,8 @@ def pass_at_k_and_entropy(model, tok, n: int, k: int = 8) -> tuple[float, float]
     """pass@k over n problems at T = 1, and the mean token entropy of the policy over those samples."""
     import torch
 
-    import rewards
-    from posttrain.data import collate_demos, Tokenized
-    from posttrain.evaluation import held_out_examples, score
+    from posttrain.data import Tokenized, collate_demos
+    from posttrain.evaluation import held_out_examples, verdicts
     from posttrain.policy import forward
     from posttrain.rl.kl import token_entropy
     from posttrain.rollout.base import SamplingConfig, encode_prompts
@@ -107,10 +106,8 @@ def pass_at_k_and_entropy(model, tok, n: int, k: int = 8) -> tuple[float, float]
     engine = HFEngine(model, tok, HFEngineConfig(batch_size=256))
     outs = engine.generate(ids, SamplingConfig(n=k, temperature=1.0, max_new_tokens=40, seed=1234))
     solved, entropies = 0, []
-    reward = rewards.get("steps")
     for ex, p, group in zip(examples, ids, outs):
-        verdicts = score(reward, [ex] * k, [c.text for c in group], 1.0)
-        solved += max(verdicts) == 1.0
+        solved += max(verdicts(cfg, [ex] * k, group, "bench")) == 1.0
         batch = collate_demos([Tokenized(p + c.token_ids, len(p)) for c in group], tok.pad_token_id)
         with torch.no_grad():
             h = token_entropy(forward(model, batch).logits)                          # [k, L]
@@ -258,7 +255,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--run", m, str(s), "--minutes", str(args.minutes), "--out", str(out),
                    "--save-every", str(args.save_every)]
             log = (out / f"log-{m}-s{s}.txt").open("w")
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), f"{m}-s{s}"))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            running.append((proc, f"{m}-s{s}"))
         time.sleep(5)
         for proc, name in list(running):
             if proc.poll() is not None:

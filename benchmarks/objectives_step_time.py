@@ -93,7 +93,8 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=200, help="SFT warm-up steps before each method")
     p.add_argument("--method-steps", type=int, default=400, help="steps of the method after the warm-up")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override for the timing and accuracy runs, e.g. --set model.tiny.hidden_size=256 (repeatable)")
+                   help="recipe override for the timing and accuracy runs, e.g. --set model.tiny.hidden_size=256 "
+                        "(repeatable)")
     p.add_argument("--no-timing", action="store_true", help="skip the step-time rounds")
     p.add_argument("--out", default=None, help="run directory (default: a temporary one)")
     args = p.parse_args()

@@ -44,7 +44,8 @@ def method_recipe(method: str, ckpt: str, out: Path, args):
         "rollout.sampling.max_new_tokens=32", "stages=[]",
     ]
     if method == "dapo":    # the soft overlong punishment scaled to the 32-token budget: 0 up to 28 tokens, -1 at 32
-        overrides.insert(0, f'rewards=[{{name: {reward}}}, {{name: overlong, kwargs: {{max_length: 32, cache_length: 4}}}}]')
+        overlong = "{name: overlong, kwargs: {max_length: 32, cache_length: 4}}"
+        overrides.insert(0, f"rewards=[{{name: {reward}}}, {overlong}]")
     elif args.reward != "recipe":
         overrides.insert(0, f"rewards=[{{name: {reward}}}]")
     recipe = load_recipe(REPO / "recipes/tiny" / f"{base}.yaml", overrides[:-1])

@@ -48,8 +48,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from posttrain.rewards import exact
     from posttrain.tasks.arithmetic import ArithmeticConfig, generate
-    from rewards import exact
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -63,7 +63,8 @@ def main() -> None:
 
     config = GRPOConfig(
         output_dir=args.out, max_steps=args.steps, learning_rate=args.lr, weight_decay=0.0, adam_beta2=0.95,
-        lr_scheduler_type=args.schedule, warmup_steps=args.warmup_steps, max_grad_norm=1.0, per_device_train_batch_size=128,
+        lr_scheduler_type=args.schedule, warmup_steps=args.warmup_steps, max_grad_norm=1.0,
+        per_device_train_batch_size=128,
         num_generations=8, max_completion_length=32, temperature=1.0, beta=0.0, loss_type=args.loss_type,
         scale_rewards="group", use_cpu=True, bf16=False, logging_steps=10, report_to=[], save_strategy="no",
         seed=0)
@@ -73,8 +74,9 @@ def main() -> None:
     rewards = [round(h["reward"], 3) for h in trainer.state.log_history if "reward" in h]
     entropy = [round(h["entropy"], 3) for h in trainer.state.log_history if "entropy" in h]
     after = greedy_accuracy(trainer.model, tokenizer, args.num_ops)
-    print(json.dumps({"greedy_accuracy_before": before, "greedy_accuracy_after": after, "reward_every_10": rewards, "entropy_every_10": entropy,
-                      "steps": args.steps, "lr": args.lr, "schedule": args.schedule, "loss_type": args.loss_type}))
+    print(json.dumps({"greedy_accuracy_before": before, "greedy_accuracy_after": after, "reward_every_10": rewards,
+                      "entropy_every_10": entropy, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
+                      "loss_type": args.loss_type}))
 
 
 if __name__ == "__main__":

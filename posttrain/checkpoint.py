@@ -116,7 +116,8 @@ def _write_manifest(directory: Path) -> None:
     """manifest.json: size and sha256 of every file in `directory` (each synced to disk first), then the manifest."""
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path, sync=True)}
+        files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size,
+                                                         "sha256": _sha256(path, sync=True)}
     manifest = directory / MANIFEST
     with manifest.open("w") as f:
         json.dump({"files": files}, f, indent=1)

@@ -1,4 +1,4 @@
-"""The `posttrain` command: train, tiny-model, config show, eval, rewards check, list."""
+"""The `posttrain` command: train, tiny-model, config show, eval, rewards check, report, list."""
 from __future__ import annotations
 
 import argparse
@@ -40,9 +40,11 @@ def report_failure(e: Exception, debug: bool) -> int:
     """
     import traceback
 
+    from posttrain.report import ReportError
+
     rank, world, local_rank = _process()
     who = f"rank {rank} of {world}: " if world > 1 else ""
-    bad_input = isinstance(e, (ConfigError, FileNotFoundError))
+    bad_input = isinstance(e, (ConfigError, FileNotFoundError, ReportError))
     if debug:
         traceback.print_exception(e, file=sys.stderr)
     if bad_input:
@@ -92,7 +94,8 @@ def _process() -> tuple[int, int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, RL with verifiable rewards, and hybrids.")
+    p = argparse.ArgumentParser(prog="posttrain",
+                                description="LLM post-training: SFT, RL with verifiable rewards, and hybrids.")
     p.set_defaults(debug=False)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print the full traceback of an error")
@@ -101,33 +104,51 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe", description="Run a recipe's stages.", epilog=EPILOG_OVERRIDES)
     t.add_argument("recipe", help="path to a recipe YAML")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint directory, or 'auto' for the run's newest")
+    t.add_argument("--resume", metavar="CKPT",
+                   help="continue from a checkpoint directory, or 'auto' for the run's newest")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("tiny-model", help="build the embedded tiny Qwen2 model", description="Build the embedded tiny "
                        "Qwen2-architecture model and tokenizer into OUT_DIR (loadable by plain transformers).")
     m.add_argument("out_dir")
-    m.add_argument("overrides", nargs="*", help="size settings, e.g. hidden_size=256 num_layers=4 corpus=task:arithmetic seed=1")
+    m.add_argument("overrides", nargs="*",
+                   help="size settings, e.g. hidden_size=256 num_layers=4 corpus=task:arithmetic seed=1")
     m.set_defaults(func=cmd_tiny_model)
 
     c = sub.add_parser("config", help="inspect recipes", description="Inspect recipes.")
     csub = c.add_subparsers(title="config commands", metavar="COMMAND")
-    show = csub.add_parser("show", help="print the resolved recipe", description="Print the recipe after overrides, "
-                           "validation and defaults.", epilog=EPILOG_OVERRIDES)
-    show.add_argument("recipe")
+    show = csub.add_parser("show", help="print the resolved recipe, or the reference of every recipe key",
+                           description="Print the recipe after overrides, validation and defaults; or, with --doc, "
+                           "every key a recipe may hold (type, default, help), or those under SECTION.",
+                           epilog=EPILOG_OVERRIDES + ". Reference: posttrain config show --doc "
+                           "[optim | rollout.sampling | objectives.grpo | ...]")
+    show.add_argument("recipe", nargs="?", help="a recipe YAML (not needed with --doc)")
     show.add_argument("overrides", nargs="*")
+    show.add_argument("--doc", nargs="?", const="", metavar="SECTION", help="print the reference of every recipe key "
+                      "(or of SECTION: a top-level key or dotted prefix) instead of a recipe")
     show.set_defaults(func=cmd_config_show)
 
     e = sub.add_parser("eval", help="greedy accuracy of a model with a verifier",
                        description="Greedy accuracy of MODEL on DATA (task:<name>, a file, or a hub data set), "
                        "verified by a reward.", epilog="Settings: reward=exact num_samples=200 max_new_tokens=64 "
-                       "batch_size=64 threshold=1.0 data.split=test data.task.digits=3 data.columns.prompt=question ...")
+                       "batch_size=64 threshold=1.0 data.split=test data.task.digits=3 "
+                       "data.columns.prompt=question ...")
     e.add_argument("model", help="model directory or hub name")
     e.add_argument("data", help="task:<name>, a data file, or a hub data set")
     e.add_argument("overrides", nargs="*", help="dotted key=value eval settings")
     e.add_argument("--output", help="write every prompt, completion and verdict to this JSONL file")
     e.set_defaults(func=cmd_eval)
 
+    _add_rewards_and_report(sub)
+
+    ls = sub.add_parser("list", help="list registered components", description="Registered objectives, "
+                        "aggregations, rewards, rollout engines and tasks.")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def _add_rewards_and_report(sub) -> None:
+    """The `rewards check` and `report` commands."""
     r = sub.add_parser("rewards", help="inspect reward functions", description="Inspect reward functions.")
     rsub = r.add_subparsers(title="rewards commands", metavar="COMMAND")
     chk = rsub.add_parser("check", help="score a data set with a reward and print the distribution",
@@ -148,10 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true", help="print the summary as JSON")
     chk.set_defaults(func=cmd_rewards_check)
 
-    ls = sub.add_parser("list", help="list registered components", description="Registered objectives, "
-                        "aggregations, rewards, rollout engines and tasks.")
-    ls.set_defaults(func=cmd_list)
-    return p
+    rep = sub.add_parser("report", help="plots and a summary of runs from their metrics.jsonl",
+                         description="Write one PNG per group of metrics (loss, optimizer, throughput, reward, KL and "
+                         "entropy, clipping, completion length, objective mix, evaluation, time) with every run "
+                         "overlaid, and report.md: final and best held-out accuracy, wall time per stage, the time "
+                         "split of an RL step.")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding metrics.jsonl)")
+    rep.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report for one run, ./report for "
+                     "several)")
+    rep.set_defaults(func=cmd_report)
 
 
 def _with_parents(common: argparse.ArgumentParser):
@@ -171,12 +197,16 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     rank, world, _ = _process()
-    resume_from, data = preflight(recipe, args.resume, world, report=rank == 0)   # before weights load or files are written
+    # before any weights load or file is written
+    resume_from, data = preflight(recipe, args.resume, world, report=rank == 0)
     if rank == 0:
         record_recipe(recipe)
     results = train(recipe, resume=str(resume_from) if resume_from else None, data=data)
-    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items() if k.startswith(("eval/", "loss"))}
-    print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in {recipe.output_dir}/metrics.jsonl")
+    if rank == 0:                                   # one summary line, not one per process
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()
+                 if k.startswith(("eval/", "loss"))}
+        print(f"done: {json.dumps(shown)}; final model in {recipe.output_dir}/final; metrics in "
+              f"{recipe.output_dir}/metrics.jsonl")
     return 0
 
 
@@ -192,6 +222,19 @@ def cmd_tiny_model(args) -> int:
 
 def cmd_config_show(args) -> int:
     from posttrain.config import resolved_dict
+
+    if args.doc is not None:
+        from posttrain.configdoc import recipe_doc
+
+        section = args.doc or ""
+        if args.recipe is not None and not section:       # `config show --doc optim` parses optim as the recipe
+            section, args.recipe = args.recipe, None
+        if args.recipe is not None or args.overrides:
+            raise ConfigError("--doc takes one SECTION and no recipe or overrides")
+        print(recipe_doc(section), end="")
+        return 0
+    if args.recipe is None:
+        raise ConfigError("config show: give a RECIPE (or --doc for the reference of every key)")
 
     print(yaml.safe_dump(resolved_dict(args.recipe, args.overrides), sort_keys=False), end="")
     return 0
@@ -227,7 +270,8 @@ def cmd_rewards_check(args) -> int:
     rows, roles = load_rows(DataConfig(source=args.data, split=args.split, limit=args.limit), "--data")
     column = args.column or ("answer" if args.gold else "completion")
     if column not in rows[0]:
-        raise ConfigError(f"--column: {args.data!r} has no column {column!r}; its columns: {', '.join(sorted(rows[0]))}")
+        raise ConfigError(f"--column: {args.data!r} has no column {column!r}; its columns: "
+                          f"{', '.join(sorted(rows[0]))}")
     prompt_col = roles.get("prompt") or next((c for c in ("prompt", "question") if c in rows[0]), None)
     prompts = [row.get(prompt_col, "") if prompt_col else "" for row in rows]
     columns = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
@@ -236,8 +280,19 @@ def cmd_rewards_check(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from posttrain.report import write_report
+
+    out = Path(args.out or (Path(args.run_dirs[0]) / "report" if len(args.run_dirs) == 1 else "report"))
+    shown = write_report(args.run_dirs, out)
+    print(f"report: {len(shown)} figures ({', '.join(shown)}) and report.md in {out}")
+    return 0
+
+
 def cmd_list(args) -> int:
-    import rewards
+    from posttrain import rewards
     from posttrain.mixers import MIXERS
     from posttrain.objectives import AGGREGATIONS, OBJECTIVES
     from posttrain.schedules import SCHEDULES

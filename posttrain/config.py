@@ -8,7 +8,7 @@
     eval                      held-out greedy accuracy with a verifier reward
     rollout                   RL stages: engine, sampling (group size), prompts per step, updates per batch
                               (posttrain/rl/config.py)
-    rewards                   RL stages: the list of reward functions with weights (posttrain/rewarding.py)
+    rewards                   RL stages: the list of reward functions with weights (posttrain/rewarding/)
     logging                   trackers (TensorBoard by default, W&B) and the progress bar
     stages                    a list; each names its objectives with weights and may override train, optim,
                               schedule, data, eval and rollout (deep-merged over the top-level sections) and
@@ -60,7 +60,8 @@ class ScheduleConfig:
 
     def check(self) -> None:
         require(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps",
+                f"must be >= 0, got {self.warmup_steps}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
@@ -80,7 +81,8 @@ class TrainConfig:
     keep_checkpoints: int = field_doc(2, "step checkpoints to keep (older ones are deleted)")
     max_minutes: float | None = field_doc(None, "wall-time budget of the stage's steps: the stage ends after the "
                                                 "first step that exceeds it, with its final evaluation and "
-                                                "checkpoint (the lr schedule keeps its full length; --resume from that checkpoint "
+                                                "checkpoint (the lr schedule keeps its full length; --resume from that "
+                                                "checkpoint "
                                                 "continues the stage)")
 
     nonfinite: Literal["stop", "skip"] = field_doc(
@@ -108,7 +110,8 @@ class EvalConfig:
     """Greedy accuracy on held-out prompts, verified by a reward function."""
 
     data: DataConfig | None = field_doc(None, "held-out data (None = no evaluation)")
-    reward: str = field_doc("exact", "reward used as the verifier: a registered name, module:function or file.py:function")
+    reward: str = field_doc("exact", "reward used as the verifier: a registered name, module:function or "
+                                     "file.py:function")
     threshold: float = field_doc(1.0, "a sample is correct when its reward is >= this")
     num_samples: int = field_doc(200, "evaluate the first N held-out prompts")
     max_new_tokens: int = field_doc(64, "generation budget per answer")
@@ -123,7 +126,8 @@ class EvalConfig:
 class LoggingConfig:
     """Where metrics go besides RUN_DIR/metrics.jsonl."""
 
-    report_to: list[Literal["tensorboard", "wandb"]] = field_doc(factory=lambda: ["tensorboard"], doc="accelerate trackers")
+    report_to: list[Literal["tensorboard", "wandb"]] = field_doc(factory=lambda: ["tensorboard"],
+                                                                 doc="accelerate trackers")
     project: str = field_doc("posttrain", "tracker project name")
     progress_bar: bool = field_doc(True, "show a progress bar on the main process")
 
@@ -216,7 +220,8 @@ def _build_stage(i: int, stage: Any, raw: dict, objectives: dict, source: str) -
     for key in STAGE_SECTIONS:
         base = raw.get(key)
         if base is not None or key in stage:
-            merged[key] = deep_merge(base or {}, stage.get(key) or {}) if isinstance(stage.get(key, {}), dict) else stage[key]
+            mergeable = isinstance(stage.get(key, {}), dict)
+            merged[key] = deep_merge(base or {}, stage.get(key) or {}) if mergeable else stage[key]
     merged.setdefault("name", f"stage{i}")
     rewards = stage["rewards"] if "rewards" in stage else raw.get("rewards")
     if rewards is not None:
@@ -267,7 +272,8 @@ def _check_rollout_stage(i: int, cfg: StageConfig, objectives: dict, source: str
     plans = {name: o.rollout_plan() for name, o in rl.items()}
     for name, plan in plans.items():
         if plan != plans[first]:
-            raise ConfigError(f"{source}: stages.{i}.objectives: {first!r} and {name!r} both learn from rollouts but ask "
+            raise ConfigError(f"{source}: stages.{i}.objectives: {first!r} and {name!r} both learn from rollouts but "
+                              "ask "
                               "for different rollouts (advantages, KL placement, sampling or demonstrations in the "
                               "groups); give them one rollout plan or separate stages")
 

@@ -21,6 +21,7 @@ from posttrain.configlib import ConfigError, build, field_doc, require
 from posttrain.experience import DEMO, PROMPT, Experience, pad_right
 
 ROLES = ("prompt", "completion", "messages", "answer")
+NOT_REWARD_COLUMNS = ("prompt", "completion", "completion_ids")   # passed as prompts= / completions= instead (TRL)
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -28,7 +29,8 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv"
 class DataConfig:
     """Where examples come from and how they become tokens."""
 
-    source: str = field_doc(doc="task:<name> (synthetic), a local .jsonl/.json/.parquet/.csv file, or a hub data set name")
+    source: str = field_doc(doc="task:<name> (synthetic), a local .jsonl/.json/.parquet/.csv file, or a hub data set "
+                                "name")
     split: str = field_doc("train", "split to read (hub data sets and synthetic tasks)")
     subset: str | None = field_doc(None, "hub configuration name (e.g. 'main' for openai/gsm8k)")
     columns: dict[str, str] = field_doc(factory=dict, doc="role -> column: prompt, completion, messages, answer")
@@ -50,6 +52,16 @@ class Example:
     prompt: list[dict]             # chat messages before the assistant's answer
     completion: str | None         # the demonstration, if any
     columns: dict[str, Any]        # every raw column, plus `answer` when mapped
+    conversational: bool = False   # the data set's prompt was chat messages, not text
+
+    def reward_prompt(self) -> Any:
+        """The prompt as TRL hands it to reward functions: the messages if the data set's were, else the text."""
+        return self.prompt if self.conversational else self.prompt[-1]["content"]
+
+    def reward_completion(self, text: str) -> Any:
+        """A generated completion as TRL hands it to reward functions: a list of one assistant message for
+        conversational data, else the text."""
+        return [{"role": "assistant", "content": text}] if self.conversational else text
 
 
 @dataclass
@@ -82,7 +94,8 @@ def load_rows(cfg: DataConfig, where: str = "data") -> tuple[list[dict], dict[st
         rows, columns = _load_dataset_rows(cfg, where), dict(cfg.columns)
     rows = rows[: cfg.limit] if cfg.limit else rows
     if not rows:
-        raise ConfigError(f"{where}.source {cfg.source!r}: the data set is empty (split {cfg.split!r}, limit {cfg.limit})")
+        raise ConfigError(f"{where}.source {cfg.source!r}: the data set is empty (split {cfg.split!r}, "
+                          f"limit {cfg.limit})")
     return rows, columns
 
 
@@ -98,7 +111,8 @@ def _load_dataset_rows(cfg: DataConfig, where: str) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"{where}.source: data file {cfg.source!r} not found")
         if path.suffix not in FILE_FORMATS:
-            raise ConfigError(f"{where}.source: {cfg.source!r} has an unknown format; expected one of {', '.join(FILE_FORMATS)}")
+            raise ConfigError(f"{where}.source: {cfg.source!r} has an unknown format; expected one of "
+                              f"{', '.join(FILE_FORMATS)}")
         try:
             empty = not path.read_bytes().strip() if path.suffix != ".parquet" else path.stat().st_size == 0
         except OSError as e:
@@ -190,8 +204,8 @@ def _example(row: dict, columns: dict[str, str], cfg: DataConfig, i: int, where:
         if not _is_chat(msgs):
             raise bad("messages", "a list of chat messages ({role, content} objects)")
         if msgs[-1].get("role") == "assistant":
-            return Example(system + msgs[:-1], msgs[-1]["content"], extra)
-        return Example(system + msgs, None, extra)
+            return Example(system + msgs[:-1], msgs[-1]["content"], extra, conversational=True)
+        return Example(system + msgs, None, extra, conversational=True)
     prompt = row[columns["prompt"]]
     if not isinstance(prompt, str) and not _is_chat(prompt):
         raise bad("prompt", "text or a list of chat messages")
@@ -201,7 +215,7 @@ def _example(row: dict, columns: dict[str, str], cfg: DataConfig, i: int, where:
         completion = completion[-1]["content"]
     if "completion" in columns and not isinstance(completion, str):
         raise bad("completion", "text or a list of chat messages")
-    return Example(system + prompt_msgs, completion, extra)
+    return Example(system + prompt_msgs, completion, extra, conversational=isinstance(prompt, list))
 
 
 def _is_chat(value: Any) -> bool:
@@ -233,7 +247,8 @@ def require_prompts(kept: int, cfg: DataConfig, where: str) -> None:
                           f"{cfg.max_length} tokens")
 
 
-def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: str = "data") -> tuple[list[Tokenized], TokenStats]:
+def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig,
+                   where: str = "data") -> tuple[list[Tokenized], TokenStats]:
     """Prompt + demonstration token ids with the prompt length; over-long ones truncated or dropped."""
     stats, out = TokenStats(), []
     for i, ex in enumerate(examples):

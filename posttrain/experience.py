@@ -77,7 +77,8 @@ class Experience:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, Tensor) and v.dim() >= 2 and f.name in ("input_ids", "attention_mask", "loss_mask", "source"):
+            token_level = f.name in ("input_ids", "attention_mask", "loss_mask", "source")
+            if isinstance(v, Tensor) and v.dim() >= 2 and token_level:
                 out[f.name] = v[:, :t]
             elif isinstance(v, Tensor) and v.dim() >= 2:
                 out[f.name] = v[:, : t - 1]

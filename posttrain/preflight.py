@@ -48,7 +48,8 @@ def preflight(recipe: Recipe, resume: str | None, world: int, report: bool = Tru
     if resume_from is not None:
         check_same_recipe(recipe, resume_from)
     tokenizer = check_model(recipe)
-    return resume_from, [check_stage(recipe, index, stage, tokenizer, world) for index, stage in enumerate(recipe.stages)]
+    return resume_from, [check_stage(recipe, index, stage, tokenizer, world)
+                         for index, stage in enumerate(recipe.stages)]
 
 
 def check_output_dir(recipe: Recipe, resume: str | None) -> None:
@@ -121,7 +122,7 @@ def check_stage(recipe: Recipe, index: int, stage: StageConfig, tokenizer, world
 
 def check_eval(stage: StageConfig, where: str) -> None:
     """The held-out data loads and its verifier reward loads and accepts it (as evaluation.score calls it)."""
-    import rewards
+    from posttrain import rewards
 
     examples = held_out_examples(stage.eval, f"{where}.data")
     try:

@@ -31,7 +31,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._items)) or '(none)'}") from None
+            known = ", ".join(sorted(self._items)) or "(none)"
+            raise KeyError(f"unknown {self.kind} {name!r}; registered: {known}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -40,7 +40,7 @@ from posttrain.config import Recipe, StageConfig
 from posttrain.configlib import ConfigError
 from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
-from posttrain.metrics import MetricsLog, Progress
+from posttrain.metrics import MetricsLog, Progress, init_trackers
 from posttrain.mixers import Mixer, MixPlan, StepReport, build_mixer
 from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
 from posttrain.objectives import Normalizer, aggregate
@@ -120,7 +120,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(path, recipe.model)
         self.rewards = {i: load_rewards(st.rewards, f"stages.{i}.rewards", recipe.source)   # resolved before training
                         for i, st in enumerate(recipe.stages) if st.rewards}
-        self.data = data or [prepare_stage(recipe, i, self.tokenizer, acc.num_processes) for i in range(len(recipe.stages))]
+        self.data = data or [prepare_stage(recipe, i, self.tokenizer, acc.num_processes)
+                             for i in range(len(recipe.stages))]
         self.model = load_model(path, recipe.model)                  # the first expensive step: after every check
         self.model.train()
         self.log = MetricsLog(acc, self.run_dir)
@@ -130,8 +131,7 @@ class Trainer:
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
         if self.resume_from:
             self.log.drop_after(self.state.global_step, self.state.stage)
-        if recipe.logging.report_to:
-            acc.init_trackers(recipe.logging.project)
+        init_trackers(acc, recipe)
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -212,7 +212,7 @@ class Trainer:
         self.configure_deepspeed(stage)
         self.model, optimizer = acc.prepare(policy, optimizer)
         demos = self.demo_builder(stage, data) if data.demos is not None else None
-        rollouts = self.rollout_builder(stage, data) if data.prompts is not None else None   # samples the prepared policy
+        rollouts = self.rollout_builder(stage, data) if data.prompts is not None else None   # samples self.model
         minis, passes = (stage.rollout.updates_per_step // stage.rollout.num_iterations, stage.rollout.num_iterations) \
             if rollouts is not None else (1, 1)
         if stage.train.steps:
@@ -367,7 +367,8 @@ class Trainer:
 
     def mini_batches(self, run: StageRun, batches: dict[str, Experience]) -> list[dict[str, Experience]]:
         """The optimizer steps of one pass: {source: mini-batch k} for k < run.minis."""
-        split = {"rollouts": lambda b: run.rollouts.mini_batches(b), "demos": lambda b: run.demos.mini_batches(b, run.minis)}
+        split = {"rollouts": lambda b: run.rollouts.mini_batches(b),
+                 "demos": lambda b: run.demos.mini_batches(b, run.minis)}
         parts = {source: split[source](batch) for source, batch in batches.items()}
         return [{source: mb[k] for source, mb in parts.items()} for k in range(run.minis)]
 
@@ -399,7 +400,8 @@ class Trainer:
         is DeepSpeed's to handle)."""
         problem = self.nonfinite(run, dict(totals), 0.0)
         if problem is not None:
-            raise NonFiniteError(f"stage {run.cfg.name!r} step {self.state.global_step + 1}: {problem}; under DeepSpeed "
+            raise NonFiniteError(f"stage {run.cfg.name!r} step {self.state.global_step + 1}: {problem}; under "
+                                 "DeepSpeed "
                                  "the step cannot be skipped, so the run stops before the update")
 
     def nonfinite(self, run: StageRun, totals: dict, grad_norm: float) -> str | None:
@@ -431,7 +433,8 @@ class Trainer:
         self.state.extras["skipped_nonfinite"] = self.state.extras.get("skipped_nonfinite", 0) + 1
         if self.accelerator.is_main_process:
             print(f"posttrain: warning: {where}: {problem}; update skipped", flush=True)
-        return {"train/skipped_nonfinite": 1.0, "train/skipped_nonfinite_total": float(self.state.extras["skipped_nonfinite"])}
+        return {"train/skipped_nonfinite": 1.0,
+                "train/skipped_nonfinite_total": float(self.state.extras["skipped_nonfinite"])}
 
     def accumulate(self, run: StageRun, batches: dict[str, Experience], weights: dict[str, float]) -> dict:
         """Forward and backward over every micro-batch of every source: the parameters' .grad is the gradient of the
@@ -465,7 +468,8 @@ class Trainer:
         def gradient(b: dict[str, Experience], name: str) -> torch.Tensor:
             self.accumulate(run, b, {name: 1.0})
             params = [p for p in self.model.parameters() if p.requires_grad]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                              for p in params])
             run.optimizer.zero_grad(set_to_none=True)
             return flat
 
@@ -627,7 +631,8 @@ def objective_terms(name: str, objective, result) -> dict:
     declared = set(objective.terms)
     losses = result if isinstance(result, dict) else {next(iter(objective.terms)): result}
     if set(losses) != declared or (not isinstance(result, dict) and len(declared) > 1):
-        raise ValueError(f"objective {name!r} returned losses for {sorted(losses)} but declares terms {sorted(declared)}")
+        raise ValueError(f"objective {name!r} returned losses for {sorted(losses)} but declares terms "
+                         f"{sorted(declared)}")
     return losses
 
 

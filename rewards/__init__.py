@@ -1,4 +1,7 @@
-"""Verifiable reward functions, importable as `rewards` (`from rewards import gsm8k`; `rewards.get("gsm8k")`).
+"""Verifiable reward functions, the package `posttrain.rewards` (`from posttrain.rewards import gsm8k`).
+
+The files live in the repository's top-level `rewards/` directory, installed as the package `posttrain.rewards`
+(pyproject.toml `package-dir`); a top-level `rewards` package is not installed.
 
 Built-ins (each a plain function with TRL's signature, settings as keyword arguments a recipe binds):
     exact     exact match of the final answer (synthetic tasks)          rewards/exact_match.py
@@ -8,15 +11,15 @@ Built-ins (each a plain function with TRL's signature, settings as keyword argum
     format    a tag layout such as <think>...</think><answer>...</answer> rewards/tags.py
     overlong  DAPO's soft overlong punishment (alias: length)            rewards/length_penalty.py
     code      fraction of assert tests passed, run in the sandbox        rewards/code_tests.py, rewards/sandbox.py
-Running them on a batch (concurrency, timeouts, errors, weights, metrics): posttrain/rewarding.py.
+Running them on a batch (concurrency, timeouts, errors, weights, metrics): posttrain/rewarding/.
 """
-from rewards.registry import REWARDS, get, register
-from rewards.exact_match import exact
-from rewards.chain import steps
-from rewards.numeric import gsm8k
-from rewards.math_equiv import math
-from rewards.tags import format
-from rewards.length_penalty import length, overlong
-from rewards.code_tests import code
+from posttrain.rewards.chain import steps
+from posttrain.rewards.code_tests import code
+from posttrain.rewards.exact_match import exact
+from posttrain.rewards.length_penalty import length, overlong
+from posttrain.rewards.math_equiv import math
+from posttrain.rewards.numeric import gsm8k
+from posttrain.rewards.registry import REWARDS, get, register
+from posttrain.rewards.tags import format
 
 __all__ = ["REWARDS", "get", "register", "exact", "steps", "gsm8k", "math", "format", "overlong", "length", "code"]

@@ -11,7 +11,8 @@ It then
   3. forks: the child runs the code and then each test in the same globals, the parent waits (it is pid 1 of
      the pid namespace: when it exits the kernel kills every process left inside).
 Results go to the result file descriptor, one JSON line per event, so partial results survive a later kill:
-    {"event": "ready"}  {"event": "code", "ok": ..., "error": ...}  {"event": "test", "index": i, "ok": ..., "error": ...}
+    {"event": "ready"}  {"event": "code", "ok": ..., "error": ...}
+    {"event": "test", "index": i, "ok": ..., "error": ...}
 stdout and stderr belong to the untrusted code.
 """
 import ctypes
@@ -51,7 +52,8 @@ def _carried_flags(path: str) -> int:
     st = os.statvfs(path).f_flag
     flags = 0
     for st_bit, ms_bit in ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
-                           (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME)):
+                           (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
+                           (os.ST_RELATIME, MS_RELATIME)):
         if st & st_bit:
             flags |= ms_bit
     return flags
@@ -126,7 +128,8 @@ def set_limits(cfg: dict) -> None:
 
 def drop_privileges(cfg: dict) -> None:
     """Root: switch to the sandbox uid/gid (clears every capability). User namespace: drop every capability."""
-    last_cap = int(open("/proc/sys/kernel/cap_last_cap").read()) if os.path.exists("/proc/sys/kernel/cap_last_cap") else 63
+    cap_file = "/proc/sys/kernel/cap_last_cap"
+    last_cap = int(open(cap_file).read()) if os.path.exists(cap_file) else 63
     if os.geteuid() == 0:
         for cap in range(last_cap + 1):            # no capability can come back through exec of a setuid file
             _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)

@@ -91,8 +91,8 @@ def numeric_answer(text: str) -> float | None:
     3. the first number after the last "answer is" / "answer:";
     4. the last number in the text.
 
-    >>> [numeric_answer(t) for t in ["so 9 eggs\n#### 18", r"It is \boxed{\$1{,}000}.", "The answer is 7 apples, not 8.",
-    ...                               "3 + 4 = 7 dollars", "no digits"]]
+    >>> [numeric_answer(t) for t in ["so 9 eggs\n#### 18", r"It is \boxed{\$1{,}000}.",
+    ...                               "The answer is 7 apples, not 8.", "3 + 4 = 7 dollars", "no digits"]]
     [18.0, 1000.0, 7.0, 7.0, None]
     """
     marked = marked_answer(text)

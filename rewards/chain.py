@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
+from posttrain.rewards.answers import completion_text, extract_final_answer
+from posttrain.rewards.registry import register
 from posttrain.tasks.arithmetic import OPERATORS
-from rewards.answers import completion_text, extract_final_answer
-from rewards.registry import register
 
 _QUESTION = re.compile(r"(\d+(?:\s*[-+*]\s*\d+)+)\s*\?")
 _LINE = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$")

@@ -5,9 +5,9 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from rewards.answers import column, completion_text
-from rewards.registry import register
-from rewards.sandbox import SandboxLimits, run_python
+from posttrain.rewards.answers import column, completion_text
+from posttrain.rewards.registry import register
+from posttrain.rewards.sandbox import SandboxLimits, run_python
 
 _FENCE_RE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PYTHON_TAGS = ("python", "python3", "py")

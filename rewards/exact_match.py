@@ -1,8 +1,8 @@
 """`exact`: 1.0 when the completion's final answer equals the gold answer exactly, else 0.0."""
 from __future__ import annotations
 
-from rewards.answers import completion_text, extract_final_answer
-from rewards.registry import register
+from posttrain.rewards.answers import completion_text, extract_final_answer
+from posttrain.rewards.registry import register
 
 
 @register("exact")

@@ -1,10 +1,10 @@
-"""`overlong` (alias `length`): DAPO's soft overlong punishment, arXiv 2503.14476 (eq. 13)."""
+"""`overlong` (alias `length`): DAPO's soft overlong punishment, arXiv 2503.14476 (eq. 13; docs/provenance.md)."""
 from __future__ import annotations
 
 import functools
 
-from rewards.answers import completion_text
-from rewards.registry import REWARDS, register
+from posttrain.rewards.answers import completion_text
+from posttrain.rewards.registry import REWARDS, register
 
 
 def overlong_penalty(length: int, max_length: int, cache_length: int) -> float:

@@ -5,8 +5,8 @@ import functools
 import re
 import threading
 
-from rewards.answers import column, completion_text
-from rewards.registry import register
+from posttrain.rewards.answers import column, completion_text
+from posttrain.rewards.registry import register
 
 _DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\fbox|\\\(|\\\[")   # an unescaped $, \boxed, \fbox, \( or \[
 
@@ -54,7 +54,8 @@ def math(prompts, completions, *, gold_column: str = "answer", timeout: int = 5,
             raise ValueError(f"math: sample {i}: math-verify cannot read the gold answer in column {gold_column!r}: "
                              f"{str(gold)[-100:]!r}")
         answer = parse(completion_text(completion), parsing_timeout=limit)
-        ok = bool(answer) and verify(target, answer, float_rounding=float_rounding, strict=strict, timeout_seconds=limit)
+        ok = bool(answer) and verify(target, answer, float_rounding=float_rounding, strict=strict,
+                                     timeout_seconds=limit)
         out.append(1.0 if ok else 0.0)
     return out
 

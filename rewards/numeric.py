@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math as _math
 
-from rewards.answers import column, completion_text, marked_answer, numeric_answer
-from rewards.registry import data_check, register
+from posttrain.rewards.answers import column, completion_text, marked_answer, numeric_answer
+from posttrain.rewards.registry import data_check, register
 
 
 @register("gsm8k")
@@ -52,8 +52,9 @@ def gsm8k_golds(columns: dict[str, list], *, gold_column: str = "answer", **sett
     """Rows whose gold answer `gsm8k` would misread: no number in it, or no `####` where the column's other rows mark
     their final answer with one (the last number of the reasoning would be taken instead).
 
-    >>> gsm8k_golds({"answer": ["3 + 4 = 7\\n#### 7", "3 + 4 = 7", None, "none"]})[0]
-    (1, "the gold answer in column 'answer' has no `####` (the column's other rows mark their final answer with it): '3 + 4 = 7'")
+    >>> row, problem = gsm8k_golds({"answer": ["3 + 4 = 7\\n#### 7", "3 + 4 = 7", None, "none"]})[0]
+    >>> row, problem.startswith("the gold answer in column 'answer' has no `####`"), problem.endswith("'3 + 4 = 7'")
+    (1, True, True)
     """
     if gold_column not in columns:
         return [(0, f"the gold answer column {gold_column!r} is not in the data (its columns: "
@@ -67,6 +68,6 @@ def gsm8k_golds(columns: dict[str, list], *, gold_column: str = "answer", **sett
         if numeric_answer(gold) is None:
             problems.append((i, f"the gold answer in column {gold_column!r} has no number: {gold[-80:]!r}"))
         elif marked and "####" not in gold:
-            problems.append((i, f"the gold answer in column {gold_column!r} has no `####` (the column's other rows mark "
-                                f"their final answer with it): {gold[-80:]!r}"))
+            problems.append((i, f"the gold answer in column {gold_column!r} has no `####` (the column's other rows "
+                                f"mark their final answer with it): {gold[-80:]!r}"))
     return problems

@@ -2,9 +2,9 @@
 
 A reward is a plain function with TRL's signature, `fn(prompts, completions, **columns) -> list[float | None]`
 (None = abstains for that sample), so users' TRL reward functions run unchanged. Besides the data set's columns,
-trainers pass `completion_ids` (token ids per completion) and `trainer_state` by keyword, so a reward should
-accept `**kwargs`. A function may set the attribute `reward_executor = "process"` to ask posttrain's reward
-execution (posttrain/rewarding.py) for a worker process instead of a thread by default.
+the trainer passes `completion_ids` (token ids per completion) by keyword, so a reward should accept `**kwargs`.
+A function may set the attribute `reward_executor = "process"` to ask posttrain's reward execution
+(posttrain/rewarding/executors.py) for a worker process instead of a thread by default.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _file_lock = threading.Lock()
 
 
 def register(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: `@rewards.register("my_reward")`."""
+    """Decorator: `@posttrain.rewards.register("my_reward")`."""
     return REWARDS.register(name)
 
 
@@ -45,7 +45,7 @@ def data_check(reward: RewardFn) -> Callable:
 def get(spec: str) -> RewardFn:
     """The reward function named by `spec` (registry name, module:function or file.py:function).
 
-    >>> get("gsm8k").__name__, get("rewards.numeric:gsm8k") is get("gsm8k")
+    >>> get("gsm8k").__name__, get("posttrain.rewards.numeric:gsm8k") is get("gsm8k")
     ('gsm8k', True)
     """
     if spec in REWARDS:

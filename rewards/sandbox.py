@@ -271,11 +271,13 @@ def _run(code: str, tests: list[str], limits: SandboxLimits, mode: str, root: st
         _kill_group(proc)
         os.close(result_r)
     res = SandboxResult(isolation=mode, timed_out=timed_out, returncode=proc.returncode,
-                        stdout=streams["stdout"].decode(errors="replace"), stderr=streams["stderr"].decode(errors="replace"),
-                        seconds=time.monotonic() - start, tests_passed=[False] * len(tests), test_errors=[""] * len(tests))
+                        stdout=streams["stdout"].decode(errors="replace"),
+                        stderr=streams["stderr"].decode(errors="replace"), seconds=time.monotonic() - start,
+                        tests_passed=[False] * len(tests), test_errors=[""] * len(tests))
     _read_events(streams["result"], res)
     if not res.ready and not timed_out:
-        raise SandboxError(f"the {mode} sandbox did not start (exit code {proc.returncode}): {res.stderr.strip()[-500:]}")
+        raise SandboxError(f"the {mode} sandbox did not start (exit code {proc.returncode}): "
+                           f"{res.stderr.strip()[-500:]}")
     if not res.ready:
         res.code_error = f"the sandbox did not start within the {limits.timeout}s timeout"
     elif timed_out and not res.code_error:

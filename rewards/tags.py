@@ -4,15 +4,16 @@ from __future__ import annotations
 import functools
 import re
 
-from rewards.answers import completion_text
-from rewards.registry import register
+from posttrain.rewards.answers import completion_text
+from posttrain.rewards.registry import register
 
 
 @functools.lru_cache(maxsize=64)
 def layout_regex(tags: tuple[str, ...], strict: bool) -> re.Pattern:
     """The regex of `tags` in order: each `<tag>...</tag>` once; `strict` allows only whitespace around them."""
     if not tags or not all(re.fullmatch(r"[\w.:-]+", t) for t in tags):
-        raise ValueError(f"format: tags must be a non-empty list of tag names (letters, digits, _.:-), got {list(tags)}")
+        raise ValueError(f"format: tags must be a non-empty list of tag names (letters, digits, _.:-), "
+                         f"got {list(tags)}")
     blocks = [rf"<{t}>(?:(?!</?{t}>).)*</{t}>" for t in map(re.escape, tags)]
     if strict:
         return re.compile(r"\s*" + r"\s*".join(blocks) + r"\s*", re.DOTALL)

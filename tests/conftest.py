@@ -88,10 +88,15 @@ def sft_recipe(model_dir: Path, out_dir: Path, steps: int = 4, overrides: list[s
 
 
 def sft_recipe_raw(model_dir: Path, out_dir: Path, steps: int = 4, overrides: list[str] | None = None) -> dict:
-    """`sft_recipe` as the plain mapping a recipe file holds."""
+    """`sft_recipe` as the plain mapping a recipe file holds (to write as YAML for `posttrain train`)."""
     from posttrain.configlib import apply_overrides
 
-    raw = {
+    return apply_overrides(sft_raw(model_dir, out_dir, steps), overrides or [])
+
+
+def sft_raw(model_dir: Path, out_dir: Path, steps: int = 4) -> dict:
+    """`sft_recipe`'s plain recipe data, before overrides."""
+    return {
         "output_dir": str(out_dir), "seed": 0,
         "model": {"path": str(model_dir)},
         "data": {"source": "task:arithmetic", "max_length": 48,
@@ -103,7 +108,6 @@ def sft_recipe_raw(model_dir: Path, out_dir: Path, steps: int = 4, overrides: li
         "logging": {"report_to": [], "progress_bar": False},
         "stages": [{"name": "sft", "objectives": {"sft": 1.0}, "train": {"steps": steps}}],
     }
-    return apply_overrides(raw, overrides or [])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

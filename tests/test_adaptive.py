@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_hybrids import assert_same_grads, first_step, raw_recipe
 
 from posttrain.config import load_recipe, parse_recipe
 from posttrain.experience import DEMO, POLICY, PROMPT, Experience, GroupOutcome
@@ -18,8 +19,6 @@ from posttrain.mixers import StepReport, build_mixer
 from posttrain.trainer import Trainer, train
 
 from conftest import REPO, read_metrics, tiny_recipe_overrides
-from test_hybrids import assert_same_grads, first_step, raw_recipe
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,7 +92,8 @@ def test_sasr_state_survives_resume_bitwise(tiny_model_dir, tmp_path, toy):
     for a, b in zip(full[4:], resumed):
         for key in ("mix/sft", "mix/sft_probability", "loss", "grad_norm"):
             assert a[key] == b[key], key
-    wa, wb = load_file(str(tmp_path / "full/final/model.safetensors")), load_file(str(tmp_path / "resumed/final/model.safetensors"))
+    wa = load_file(str(tmp_path / "full/final/model.safetensors"))
+    wb = load_file(str(tmp_path / "resumed/final/model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -105,7 +105,8 @@ def test_median_split_recentres_advantages_on_the_token_median():
     plain, _ = compute_advantages("group_mean", AdvantageParams(), AdvantageInputs(rewards, mask, group))
     # row advantages 0.5, -0.5, -0.5, 0.5 with 3, 1, 2, 4 tokens: sorted -0.5 (3 tokens), 0.5 (7): the median is 0.5
     assert token_median(plain, mask) == 0.5
-    split, _ = compute_advantages("group_mean", AdvantageParams(median_center=True), AdvantageInputs(rewards, mask, group))
+    split, _ = compute_advantages("group_mean", AdvantageParams(median_center=True),
+                                  AdvantageInputs(rewards, mask, group))
     assert torch.equal(split, (plain - 0.5) * mask)
     assert (split[mask > 0] <= 0).all()                                               # G+ is empty, G- the rest
 
@@ -169,7 +170,8 @@ def test_relift_buffers_failed_prompts_and_trains_on_the_oldest():
 
     mixer = build_mixer(ReLIFTConfig(name="relift", rl="grpo", sft="sft", buffer_size=3), {"grpo": 1.0, "sft": 1.0}, 0)
     assert mixer.plan(0).weights == {"grpo": 1.0, "sft": 0.0}
-    mixer.observe(0, StepReport({}, [GroupOutcome(7, [0.0, 0.0]), GroupOutcome(8, [0.0, 1.0]), GroupOutcome(9, [0.0, 0.0])]))
+    outcomes = [GroupOutcome(7, [0.0, 0.0]), GroupOutcome(8, [0.0, 1.0]), GroupOutcome(9, [0.0, 0.0])]
+    mixer.observe(0, StepReport({}, outcomes))
     assert mixer.buffer == [7, 9] and mixer.plan(1).demo_rows is None
     mixer.observe(1, StepReport({}, [GroupOutcome(3, [0.0, 0.0]), GroupOutcome(4, [0.0, 0.0])]))
     state = json.loads(json.dumps(mixer.state_dict()))
@@ -222,8 +224,8 @@ def test_srft_per_token_loss_by_hand():
     """One group: a sampled row (A > 0 on its tokens) and the demonstration row; every term computed by hand."""
     from posttrain.config import _build_objective
     from posttrain.objectives import build_objective
-    from posttrain.policy import PolicyOutput
     from posttrain.ops.logprobs import selective_log_softmax
+    from posttrain.policy import PolicyOutput
 
     srft = build_objective(_build_objective("srft", {"entropy_coef": 0.0}, "t"))
     torch.manual_seed(0)

@@ -6,9 +6,19 @@ import pytest
 import torch
 
 from posttrain.experience import POLICY, PROMPT, Experience
-from posttrain.rl.advantages import (ADVANTAGES, AdvantageInputs, AdvantageParams, compute_advantages,
-                                     discounted_reverse_cumsum, gae, group_mean_advantage, group_zscore_advantage,
-                                     rloo_advantage, token_rewards, whiten)
+from posttrain.rl.advantages import (
+    ADVANTAGES,
+    AdvantageInputs,
+    AdvantageParams,
+    compute_advantages,
+    discounted_reverse_cumsum,
+    gae,
+    group_mean_advantage,
+    group_zscore_advantage,
+    rloo_advantage,
+    token_rewards,
+    whiten,
+)
 from posttrain.rl.sampling import fill_batch, informative
 
 # Eight samples in three groups, interleaved and with non-contiguous ids: group 7 = rows 0, 2, 3, 7;
@@ -22,7 +32,8 @@ def test_group_estimators_by_hand():
     # group 7: R = [1, 0, 0, 1], mean 0.5, deviations +-0.5; unbiased var = 4 * 0.25 / 3 = 1/3, std = 0.577350
     #          -> z = +-0.5 / 0.577350 = +-0.866025; biased std = 0.5 -> z = +-1
     # group 3: R = [1, 0, 1], mean 2/3, deviations [1/3, -2/3, 1/3]; unbiased var = (1/9 + 4/9 + 1/9) / 2 = 1/3
-    #          -> z = [0.577350, -1.154701, 0.577350]; biased var = 2/9, std = 0.471405 -> z = [0.707107, -1.414214, ...]
+    #          -> z = [0.577350, -1.154701, 0.577350];
+    #          biased var = 2/9, std = 0.471405 -> z = [0.707107, -1.414214, ...]
     # group 9: one sample -> 0 (no baseline)
     z = group_zscore_advantage(REWARDS, GROUPS, eps=0.0)
     h = math.sqrt(3) / 2
@@ -190,7 +201,8 @@ def test_whitening_over_two_processes_equals_one_batch():
     rewards, group = torch.tensor([1.0, 0.0, 0.5, 2.0, 0.0, 1.0]), torch.arange(6)
     one, _ = compute_advantages("batch_norm", AdvantageParams(), AdvantageInputs(rewards, mask, group))
     two = world.run(lambda r: compute_advantages("batch_norm", AdvantageParams(), AdvantageInputs(
-        rewards[:2] if r == 0 else rewards[2:], parts[r][1], group[:2] if r == 0 else group[2:], reduce=world.reduce(r)))[0])
+        rewards[:2] if r == 0 else rewards[2:], parts[r][1], group[:2] if r == 0 else group[2:],
+        reduce=world.reduce(r)))[0])
     assert torch.allclose(torch.cat(two), one, atol=1e-6)
 
 

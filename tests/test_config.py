@@ -4,7 +4,7 @@ import yaml
 
 from posttrain.config import load_recipe
 from posttrain.configlib import ConfigError
-from posttrain.data import load_rows, to_examples, DataConfig
+from posttrain.data import DataConfig, load_rows, to_examples
 
 from conftest import REPO
 
@@ -25,18 +25,22 @@ def test_valid_recipe_and_overrides():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["optim.lrr=3"], "recipes/quickstart.yaml: optim.lrr: unknown key; allowed keys here: betas, eps, lr, max_grad_norm, weight_decay"),
+    (["optim.lrr=3"], "recipes/quickstart.yaml: optim.lrr: unknown key; allowed keys here: betas, eps, lr, "
+                      "max_grad_norm, weight_decay"),
     (["optim.lr=abc"], "recipes/quickstart.yaml: optim.lr: expected a number, got 'abc' (str)"),
     (["stages.0.train.batch_size=x"], "stages.0.train.batch_size: expected an integer, got 'x' (str)"),
     (["optim.lr=-1"], "optim.lr: must be > 0, got -1.0"),
     (["schedule.name=exp"], "schedule.name: got 'exp' (str); allowed: 'cosine', 'linear', 'constant'"),
     (["model.dtype=int8"], "model.dtype: got 'int8' (str); allowed: 'float32', 'bfloat16', 'float16'"),
-    (["objectives.sft.aggregation=mean"], "objectives.sft.aggregation: got 'mean'; allowed: seq_mean_token_mean, seq_mean_token_sum_norm, token_mean"),
+    (["objectives.sft.aggregation=mean"], "objectives.sft.aggregation: got 'mean'; allowed: seq_mean_token_mean, "
+                                          "seq_mean_token_sum_norm, token_mean"),
     (["objectives.sft.type=sftt"], "objectives.sft.type: unknown objective 'sftt'; registered:"),
-    (["stages.0.objectives.grpo_typo=1.0"], "stages.0.objectives.grpo_typo: not defined under `objectives:`; defined: grpo, sft"),
+    (["stages.0.objectives.grpo_typo=1.0"],
+     "stages.0.objectives.grpo_typo: not defined under `objectives:`; defined: grpo, sft"),
     (["stages.3.train.steps=1"], "stages.3: index '3' out of range (the list has 2 items)"),
     (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 values, got 1"),
-    (["data.columns.gold=answer"], "data.columns: unknown role(s) ['gold']; allowed roles: prompt, completion, messages, answer"),
+    (["data.columns.gold=answer"],
+     "data.columns: unknown role(s) ['gold']; allowed roles: prompt, completion, messages, answer"),
     (["stages.0.train.steps=null"], "stages.0.train.steps: give the stage a length: steps or epochs"),
     (["model.tiny.hidden_size=130"], "model.tiny.hidden_size: must be divisible by num_heads (4), got 130"),
 ])
@@ -80,7 +84,8 @@ def test_data_errors_name_file_column_and_row(tmp_path):
     f.write_text('{"question": "q1", "answer": "a1"}\n')
     cfg = DataConfig(source=str(f), columns={"prompt": "query"})
     rows, cols = load_rows(cfg)
-    with pytest.raises(ConfigError, match=r"data.columns.prompt: column 'query' not in .*; its columns: answer, question"):
+    with pytest.raises(ConfigError,
+                       match=r"data.columns.prompt: column 'query' not in .*; its columns: answer, question"):
         to_examples(rows, cols, cfg)
     with pytest.raises(ConfigError, match=r"data.source: unknown task 'nope'"):
         load_rows(DataConfig(source="task:nope"))

@@ -1,25 +1,35 @@
-"""README and recipes stay true to the code: the Quickstart block, and every recipe parses."""
+"""README and recipes stay true to the code, by running them: the recipe-anatomy example trains a step of each stage,
+every command of the README's table answers --help, CI extracts and runs README's test command, and every recipe
+parses and resolves what it names (model, data and its columns, rewards, the eval verifier)."""
 import re
+import subprocess
 from importlib.metadata import requires
 
 import pytest
+import yaml
 
-from posttrain.config import load_recipe
+from posttrain.cli import build_parser, main
+from posttrain.config import load_recipe, parse_recipe
+from posttrain.configlib import apply_overrides
 
-from conftest import REPO
+from conftest import REPO, SHARED_GSM8K, read_metrics
 
-
-def _quickstart_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    block = re.search(r"^## Quickstart\n.*?^```bash\n(.*?)^```", text, re.S | re.M)
-    assert block, "README has no ```bash block under '## Quickstart'"
-    return [line for line in block.group(1).splitlines() if line.strip()]
+README = (REPO / "README.md").read_text()
+RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.yaml"))
 
 
-def test_quickstart_block_is_two_commands():
-    first, second = _quickstart_commands()  # exactly two
-    assert "posttrain train recipes/quickstart.yaml" in first and "torch==2.13.0" in first
-    assert "pytest" in second and "torch==2.13.0" in second
+def _block(heading: str, lang: str) -> str:
+    block = re.search(rf"^## {heading}\n.*?^```{lang}\n(.*?)^```", README, re.S | re.M)
+    assert block, f"README has no ```{lang} block under '## {heading}'"
+    return block.group(1)
+
+
+def _table_commands() -> list[list[str]]:
+    """The subcommand words of each row of README's command table (`posttrain config show RECIPE` -> [config, show])."""
+    table = README.split("## Commands", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `posttrain ([^`]+)`", table, re.M)
+    assert rows, "README's command table has no `posttrain ...` rows"
+    return [list(dict.fromkeys(w for w in row.split() if re.fullmatch(r"[a-z][a-z-]*", w))) for row in rows]
 
 
 def test_quickstart_installs_the_pinned_set():
@@ -28,7 +38,7 @@ def test_quickstart_installs_the_pinned_set():
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    assert all("-c .ci/constraints.txt" in line for line in _quickstart_commands())
+    assert all("-c .ci/constraints.txt" in line for line in _block("Quickstart", "bash").splitlines() if line.strip())
     pins = {}
     for line in (REPO / ".ci/constraints.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -45,24 +55,90 @@ def test_quickstart_installs_the_pinned_set():
             assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside pyproject's {req.specifier}"
 
 
-def test_ci_runs_the_readme_test_command():
+@pytest.mark.slow
+def test_readme_recipe_anatomy_trains_a_step_of_each_stage(tiny_model_dir, tmp_path):
+    from posttrain.trainer import train
+
+    raw = apply_overrides(yaml.safe_load(_block("Recipe anatomy", "yaml")), [
+        f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "logging.report_to=[]",
+        "logging.progress_bar=false", "stages.0.train.steps=1", "stages.1.train.steps=1", "train.log_every=1",
+        "eval.num_samples=4", "rollout.prompts_per_step=2", "rollout.sampling.n=2"], "README.md")
+    recipe = parse_recipe(raw, "README.md")
+    assert [(s.name, list(s.objectives)) for s in recipe.stages] == [("sft", ["sft"]), ("grpo", ["grpo"])]
+    result = train(recipe)
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [(r["stage"], r["step"]) for r in rows] == [(0, 1), (1, 2)]
+    assert "reward/mean" in rows[1] and result["eval/num_samples"] == 4
+
+
+@pytest.mark.parametrize("words", _table_commands(), ids=" ".join)
+def test_every_readme_command_answers_help(words, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*words, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: posttrain {' '.join(words)}")
+
+
+def test_readme_table_lists_every_command():
+    parser = build_parser()
+    top = next(a for a in parser._actions if a.dest == "==SUPPRESS==" and getattr(a, "choices", None))
+    listed = {words[0] for words in _table_commands()}
+    assert listed == set(top.choices), f"README's table lists {sorted(listed)}; the CLI has {sorted(top.choices)}"
+
+
+def test_ci_runs_readme_test_command():
+    """.ci/run's own extraction of README's test command, run as CI runs it, yields the Quickstart's second line."""
     ci = (REPO / ".ci/run").read_text()
-    assert "sed -n 2p" in ci and "## Quickstart" in ci  # .ci/run executes README's second command verbatim
+    extraction = re.search(r"^test_command=\$\((.*)\)$", ci, re.M)
+    assert extraction, ".ci/run no longer sets test_command=$(...)"
+    got = subprocess.run(["bash", "-c", extraction.group(1)], cwd=REPO, capture_output=True, text=True, check=True)
+    first, second = [line for line in _block("Quickstart", "bash").splitlines() if line.strip()]
+    assert got.stdout.strip() == second
+    assert "-e '.[test]'" in second and "-m pytest" in second and "torch==2.13.0" in second
+    assert "posttrain train recipes/quickstart.yaml" in first                  # resolved by the recipe test below
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.yaml")), ids=str)
-def test_every_recipe_parses(path):
+def _resolve_model(path: str, where: str) -> None:
+    if path == "tiny":
+        return
+    if (REPO / path).exists():
+        return
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(path)                             # a hub name that could be fetched (no hub here)
+
+
+def _resolve_data(cfg, where: str) -> None:
+    """The data a recipe names exists and has the columns it maps: a task, a local file, or a hub data set (read from
+    the local copy of GSM8K beside the checkout, the recipes' documented offline source)."""
+    import dataclasses
+
+    from posttrain.data import load_rows, to_examples
+
+    if cfg.source.startswith("task:") or (REPO / cfg.source).exists():
+        local = dataclasses.replace(cfg, limit=8)
+    elif cfg.source == "openai/gsm8k":
+        split = {"train": "train", "test": "test"}[cfg.split]
+        if not (SHARED_GSM8K / f"{split}.jsonl").is_file():
+            pytest.skip(f"GSM8K files not found at {SHARED_GSM8K}")
+        local = dataclasses.replace(cfg, source=str(SHARED_GSM8K / f"{split}.jsonl"), limit=8)
+    else:
+        raise AssertionError(f"{where}.source: {cfg.source!r} is neither a task, a file nor a known hub data set")
+    rows, columns = load_rows(local, where)
+    assert to_examples(rows, columns, local, where)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=str)
+def test_every_recipe_parses_and_resolves(path):
+    from posttrain.rewarding import RewardSpec, load_rewards
+    from posttrain.rewarding.loading import load_reward
+
     recipe = load_recipe(REPO / path)
     assert recipe.stages
-
-
-def test_readme_recipe_anatomy_is_a_valid_recipe():
-    import yaml
-
-    from posttrain.config import parse_recipe
-
-    text = (REPO / "README.md").read_text()
-    block = re.search(r"^## Recipe anatomy\n.*?^```yaml\n(.*?)^```", text, re.S | re.M)
-    assert block, "README has no ```yaml block under '## Recipe anatomy'"
-    recipe = parse_recipe(yaml.safe_load(block.group(1)), "README.md")
-    assert [s.name for s in recipe.stages] == ["sft", "grpo"]
+    _resolve_model(recipe.model.path, "model.path")
+    for i, stage in enumerate(recipe.stages):
+        _resolve_data(stage.data, f"stages.{i}.data")
+        if stage.eval.data is not None:
+            _resolve_data(stage.eval.data, f"stages.{i}.eval.data")
+            load_reward(RewardSpec(name=stage.eval.reward), f"stages.{i}.eval.reward", str(path)).close()
+        for r in load_rewards(stage.rewards, f"stages.{i}.rewards", str(path)):
+            r.close()

@@ -82,7 +82,8 @@ def test_resume_into_a_fresh_directory_logs_the_stage_header(tiny_model_dir, tmp
     """Resuming another run's checkpoint into a new output_dir: its metrics.jsonl starts with the resumed stage's
     header at the checkpoint's step, then the remaining steps."""
     train(sft_recipe(tiny_model_dir, tmp_path / "full", steps=5, overrides=["train.save_every=3"]))
-    train(sft_recipe(tiny_model_dir, tmp_path / "other", steps=5), resume=str(tmp_path / "full/checkpoints/step-000003"))
+    train(sft_recipe(tiny_model_dir, tmp_path / "other", steps=5),
+          resume=str(tmp_path / "full/checkpoints/step-000003"))
     assert _shape(read_metrics(tmp_path / "other")) == [(0, 3, True), (0, 4, False), (0, 5, False)]
 
 
@@ -179,7 +180,8 @@ def test_resume_auto_with_no_usable_checkpoint_lists_what_is_wrong(reference_run
     assert main(["train", str(recipe), "--resume", "auto"]) == 2
     err = capsys.readouterr().err
     assert (f"posttrain: error: --resume auto: no usable checkpoint under {run}/checkpoints: "
-                          "step-000004 (model.safetensors: missing); step-000002 (model.safetensors: missing)\n") == err, err
+                          "step-000004 (model.safetensors: missing); step-000002 (model.safetensors: missing)\n") \
+        == err, err
 
 
 def _failing_writer(monkeypatch, error: int, on_file: str) -> None:
@@ -216,7 +218,8 @@ def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_previous_one(refe
 
 def _in_mount_namespace(tmp_path: Path, script: str) -> None:
     """Run `script` (sh) as root of a fresh user + mount namespace, where it may mount a tmpfs or remount read-only."""
-    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True) if shutil.which("unshare") else None
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, text=True) \
+        if shutil.which("unshare") else None
     if probe is None or probe.returncode != 0:
         why = probe.stderr.strip() if probe is not None else "no unshare command"
         if os.environ.get("POSTTRAIN_REQUIRE_NAMESPACES") == "1":
@@ -248,7 +251,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(reference_run, tin
     err = (tmp_path / "err.txt").read_text()
     assert (tmp_path / "rc.txt").read_text().strip() == "1", err
     assert err.strip().splitlines()[-1].startswith(
-        f"posttrain: error: could not write checkpoint {disk}/run/checkpoints/step-000004: No space left on device"), err
+        f"posttrain: error: could not write checkpoint {disk}/run/checkpoints/step-000004: No space left on "
+        "device"), err
     run = tmp_path / "after"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     assert ckpt.problems(run / "checkpoints/step-000002") == []
@@ -423,7 +427,7 @@ def test_failure_report_is_one_line_naming_the_rank(monkeypatch, capsys):
     assert report_failure(peer, debug=False) == 1
     assert capsys.readouterr().err == ("posttrain: rank 1 of 2: stopped: another process stopped (its error is printed "
                                        "above), so a collective operation failed (--debug prints the traceback)\n")
-    from posttrain.configlib import ConfigError          # bad input: every process sees it; local rank 0 prints it
+    from posttrain.configlib import ConfigError  # bad input: every process sees it; local rank 0 prints it
 
     assert report_failure(ConfigError("recipe.yaml: optim.lr: expected a number"), debug=False) == 2
     assert capsys.readouterr().err == ""

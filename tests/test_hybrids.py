@@ -21,7 +21,6 @@ from posttrain.trainer import Trainer, train
 
 from conftest import REPO, read_metrics, tiny_recipe_overrides
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -232,10 +231,10 @@ def test_entropy_selection_on_a_crafted_batch():
     from types import SimpleNamespace
 
     from posttrain.experience import Experience
+    from posttrain.rl.advantages import AdvantageParams
     from posttrain.schedules import Schedule
     from posttrain.sources.guidance import PrefixSampling, lowest_fraction
     from posttrain.sources.plan import RolloutPlan
-    from posttrain.rl.advantages import AdvantageParams
     from posttrain.sources.rollouts import RolloutBuilder, StepLog
 
     assert lowest_fraction(torch.tensor([0.3, 0.1, 0.2, 0.1]), 0.5).tolist() == [False, True, False, True]
@@ -248,7 +247,8 @@ def test_entropy_selection_on_a_crafted_batch():
     exp.advantages = torch.ones(2, 5) * exp.target_mask                          # [B, L]
     entropies = torch.tensor([[9.0, 0.5, 0.2, 9.0, 9.0], [9.0, 0.7, 0.2, 0.1, 9.0]])   # prefix targets at L = 1, 2
     builder = RolloutBuilder.__new__(RolloutBuilder)
-    builder.plan = RolloutPlan("group_mean", AdvantageParams(), prefixes=PrefixSampling(1, 0.1, 0.9, 1, Schedule.constant(0.5)))
+    prefixes = PrefixSampling(1, 0.1, 0.9, 1, Schedule.constant(0.5))
+    builder.plan = RolloutPlan("group_mean", AdvantageParams(), prefixes=prefixes)
     builder.world, builder.rank, builder.step, builder.log = 1, 0, 0, StepLog()
     builder.acc = SimpleNamespace()
     builder.mask_prefix_entropy(exp, entropies)
@@ -283,7 +283,8 @@ def test_objective_contract_is_checked_at_registration_and_build():
 
 
 def test_recipe_errors_name_the_stage(tiny_model_dir, tmp_path, toy):
-    base = raw_recipe(tiny_model_dir, tmp_path, toy, {"luffy": {}, "grpo": {}, "sft": {}}, {"objectives": {"luffy": 1.0}})
+    base = raw_recipe(tiny_model_dir, tmp_path, toy, {"luffy": {}, "grpo": {}, "sft": {}},
+                      {"objectives": {"luffy": 1.0}})
     two_plans = copy.deepcopy(base)
     two_plans["stages"][0]["objectives"] = {"luffy": 1.0, "grpo": 1.0}
     with pytest.raises(ConfigError, match=r"stages\.0\.objectives: 'luffy' and 'grpo' both learn from rollouts"):
@@ -293,7 +294,8 @@ def test_recipe_errors_name_the_stage(tiny_model_dir, tmp_path, toy):
     with pytest.raises(ConfigError, match=r"stages\.0\.mixer: names objective 'dft'"):
         parse_recipe(unknown, "r.yaml")
     unknown["stages"][0]["mixer"] = {"name": "cord"}
-    with pytest.raises(ConfigError, match=r"stages\.0\.mixer\.name: unknown mixer 'cord'; registered: amft, chord, constant, relift, sasr"):
+    with pytest.raises(ConfigError, match=r"stages\.0\.mixer\.name: unknown mixer 'cord'; registered: amft, chord, "
+                                          r"constant, relift, sasr"):
         parse_recipe(unknown, "r.yaml")
     unknown["stages"][0]["mixer"] = {"name": "chord", "rl": "luffy", "mu": 1.5}
     with pytest.raises(ConfigError, match=r"stages\.0\.mixer\.mu: must stay within \[0, 1\]"):
@@ -310,7 +312,8 @@ def no_model(monkeypatch):
 
 def test_hybrid_data_without_demonstrations_stops_before_the_model(tiny_model_dir, tmp_path, toy, no_model):
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(8)))
     for name in ("luffy", "prefix_rft", "uft"):
         raw = raw_recipe(tiny_model_dir, tmp_path / name, toy, {name: {}}, {"objectives": {name: 1.0}})
         raw["data"] = {"source": str(data), "columns": {"prompt": "question", "answer": "answer"}, "max_length": 48}
@@ -486,11 +489,14 @@ def test_gsm8k_hybrid_recipe_runs_offline(name, tiny_model_dir, tmp_path, gsm8k_
         "train.save_every=0", "stages.0.train.steps=1", "stages.0.train.epochs=null", "stages.0.train.eval_every=0",
         "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=400",
         "rollout.mini_batch_size=null", "rollout.engine_args.batch_size=16"]
-    overrides += {"chord": ["stages.0.train.batch_size=4"], "sasr": ["stages.0.train.batch_size=4",
-                  "stages.0.mixer.warmup_steps=0"], "amft": ["stages.0.train.batch_size=4", "stages.0.mixer.warmup_steps=0",
-                  "stages.0.mixer.entropy_lr=0", "stages.0.mixer.meta_every=1", f"eval.data.source={gsm8k_dir / 'test.jsonl'}",
-                  "eval.data.limit=8", "eval.num_samples=2", "eval.max_new_tokens=8"],
-                  "relift": ["stages.0.mixer.buffer_size=2"]}.get(name, [])
+    per_method = {
+        "chord": ["stages.0.train.batch_size=4"],
+        "sasr": ["stages.0.train.batch_size=4", "stages.0.mixer.warmup_steps=0"],
+        "amft": ["stages.0.train.batch_size=4", "stages.0.mixer.warmup_steps=0", "stages.0.mixer.entropy_lr=0",
+                 "stages.0.mixer.meta_every=1", f"eval.data.source={gsm8k_dir / 'test.jsonl'}", "eval.data.limit=8",
+                 "eval.num_samples=2", "eval.max_new_tokens=8"],
+        "relift": ["stages.0.mixer.buffer_size=2"]}
+    overrides += per_method.get(name, [])
     overrides += [] if name == "amft" else ["eval.data=null"]
     train(load_recipe(REPO / "recipes/gsm8k" / f"qwen2.5-0.5b-{name}.yaml", overrides))
     rows = [r for r in read_metrics(tmp_path / name) if "loss" in r]
@@ -498,20 +504,18 @@ def test_gsm8k_hybrid_recipe_runs_offline(name, tiny_model_dir, tmp_path, gsm8k_
 
 
 def test_readme_extension_examples_run(tiny_model_dir, tmp_path, toy):
-    """README's "Adding an objective" and "Adding a mixer" code, executed as written: the mixer alternates SFT-only steps
+    """README's "Adding an objective" and "Adding a mixer" code, executed as written: the mixer alternates SFT-only
+    steps
     (no generation) with RL steps, the objective trains on demonstrations; nothing else changes."""
     import re
     from dataclasses import dataclass
 
     from posttrain.configlib import field_doc
     from posttrain.experience import Experience
-    from posttrain.mixers import MixerConfig, MixPlan, StepReport, register_mixer
-    from posttrain.objectives import ObjectiveConfig, register_objective
+    from posttrain.mixers import MIXERS, MixerConfig, MixPlan, StepReport, register_mixer
+    from posttrain.objectives import OBJECTIVES, ObjectiveConfig, register_objective
     from posttrain.objectives.base import terms
     from posttrain.policy import PolicyOutput
-
-    from posttrain.mixers import MIXERS
-    from posttrain.objectives import OBJECTIVES
 
     readme = (REPO / "README.md").read_text()
     namespace = {"dataclass": dataclass, "field_doc": field_doc, "MixerConfig": MixerConfig, "MixPlan": MixPlan,

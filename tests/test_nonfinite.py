@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_hybrids import raw_recipe
 
 from posttrain.config import parse_recipe
 from posttrain.objectives.sft import SFT
 from posttrain.trainer import NonFiniteError, Trainer, train
 
 from conftest import read_metrics, sft_recipe
-from test_hybrids import raw_recipe
 
 
 @pytest.fixture
@@ -100,10 +100,11 @@ def nan_reward(tmp_path_factory):
 def test_nan_reward_stops_or_is_zeroed_by_on_error(tiny_model_dir, tmp_path, nan_reward):
     from posttrain.rewarding import RewardError
 
-    raw = raw_recipe(tiny_model_dir, tmp_path / "raise", nan_reward, {"grpo": {"beta": 0.0}}, {"objectives": {"grpo": 1.0}})
+    grpo, stage = {"grpo": {"beta": 0.0}}, {"objectives": {"grpo": 1.0}}
+    raw = raw_recipe(tiny_model_dir, tmp_path / "raise", nan_reward, grpo, stage)
     with pytest.raises(RewardError, match=r"reward 'nan_once' at sample 0: .*(nan|NaN)"):
         train(parse_recipe(raw, "test"))
-    raw = raw_recipe(tiny_model_dir, tmp_path / "zero", nan_reward, {"grpo": {"beta": 0.0}}, {"objectives": {"grpo": 1.0}})
+    raw = raw_recipe(tiny_model_dir, tmp_path / "zero", nan_reward, grpo, stage)
     raw["rewards"] = [{"name": nan_reward, "on_error": "zero"}]
     raw["stages"][0]["train"] = {"steps": 2, "save_every": 1}
     train(parse_recipe(raw, "test"))

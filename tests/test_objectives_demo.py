@@ -110,7 +110,8 @@ def test_dft_equals_trl_sft_trainer_dft_loss(tiny_model_dir, tmp_path):
     `SFTTrainer.compute_loss` runs `model(**inputs, fused_lm_head=True)`, takes `-log_probs * log_probs.exp().detach()`
     per token and divides the sum by the number of label tokens. We build a real SFTTrainer and call its own
     compute_loss on its own collated batch; ours reads the same input_ids, with loss mask = (labels != -100), through
-    posttrain.policy.forward -> DFT -> token_mean. Same model object, so same logits; losses and gradients must agree."""
+    posttrain.policy.forward -> DFT -> token_mean. Same model object, so same logits; losses and gradients must
+    agree."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -226,6 +227,7 @@ def test_tiny_recipe_trains(method, tiny_model_dir, tmp_path):
     demonstrations more likely (nll falls). ASFT's KL to the stage-start reference starts at 0 and grows."""
     from posttrain.config import load_recipe
     from posttrain.trainer import train
+
     from conftest import read_metrics
 
     recipe = load_recipe(REPO / "recipes" / "tiny" / f"{method}.yaml", [
@@ -236,7 +238,10 @@ def test_tiny_recipe_trains(method, tiny_model_dir, tmp_path):
     rows = [r for r in read_metrics(tmp_path / method) if r.get("stage") == 1 and "loss" in r]
     assert len(rows) == 10 and all(math.isfinite(r["loss"]) for r in rows)
     first, last = rows[:3], rows[-3:]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+
+    def mean(rs, k):
+        return sum(r[k] for r in rs) / len(rs)
+
     print(method, [(round(r[f"{method}/nll"], 3), round(r["loss"], 4)) for r in rows])
     assert mean(last, f"{method}/nll") < mean(first, f"{method}/nll") - 0.02
     if method == "asft":

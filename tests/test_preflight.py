@@ -103,7 +103,8 @@ def test_model_path_that_is_not_a_model_directory(tiny_model_dir, tmp_path, caps
 
 def test_model_path_that_is_a_file(tiny_model_dir, tmp_path, capsys, no_training):
     raw = sft_raw(tiny_model_dir, tmp_path, [f"model.path={tiny_model_dir / 'config.json'}"])
-    expect(run_train(tmp_path, raw, capsys=capsys), r"model\.path: '.*config\.json' is a file; expected a model directory")
+    expect(run_train(tmp_path, raw, capsys=capsys),
+           r"model\.path: '.*config\.json' is a file; expected a model directory")
 
 
 def test_model_directory_without_weights(tiny_model_dir, tmp_path, capsys, no_training):
@@ -289,7 +290,8 @@ REWARD_FILES = {
         "def score(prompts, completions, solution_text, **kw):\n    return [1.0] * len(completions)\n",
         r"stages\.0\.rewards\.0: reward '.*/r\.py:score' requires the argument 'solution_text', which is neither a "
         r"column of the data \(its columns: answer, question, solution\) nor a setting in kwargs"),
-    "an unknown setting": ("def score(prompts, completions, *, scale=1.0, **kw):\n    return [1.0] * len(completions)\n",
+    "an unknown setting": ("def score(prompts, completions, *, scale=1.0, **kw):\n"
+                           "    return [1.0] * len(completions)\n",
                            r"rewards\.0\.kwargs\.scal: not a setting of reward '.*/r\.py:score'; its settings: scale"),
 }
 

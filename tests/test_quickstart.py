@@ -17,7 +17,8 @@ from conftest import REPO, read_metrics
 def test_quickstart_sft_then_grpo_raises_reward_and_accuracy(tmp_path, capsys):
     out = tmp_path / "quickstart"
     recipe = load_recipe(REPO / "recipes/quickstart.yaml",
-                         [f"output_dir={out}", "train.log_every=1", "logging.progress_bar=false", "logging.report_to=[]"])
+                         [f"output_dir={out}", "train.log_every=1", "logging.progress_bar=false",
+                          "logging.report_to=[]"])
     assert [(s.name, list(s.objectives)) for s in recipe.stages] == [("sft", ["sft"]), ("grpo", ["grpo"])]
     result = train(recipe)
     rows = read_metrics(out)
@@ -30,5 +31,6 @@ def test_quickstart_sft_then_grpo_raises_reward_and_accuracy(tmp_path, capsys):
     assert 0.05 < sft_accuracy < 0.5, sft_accuracy          # partly trained: room for RL to improve it
     assert result["eval/accuracy"] > sft_accuracy + 0.1, (sft_accuracy, result)
     printed = capsys.readouterr().out
-    assert f"stage grpo: reward/mean {first:.3f} (first 15 steps) -> {last:.3f} (last 15 steps) over 150 steps" in printed
+    assert (f"stage grpo: reward/mean {first:.3f} (first 15 steps) -> {last:.3f} (last 15 steps) over 150 steps"
+            in printed)
     assert (out / "final/model.safetensors").is_file()

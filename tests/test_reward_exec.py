@@ -10,8 +10,16 @@ import time
 import pytest
 
 from posttrain.configlib import ConfigError
-from posttrain.rewarding import (Reward, RewardError, RewardSpec, build_reward_specs, combine, load_rewards,
-                                 reward_metrics, score_batch)
+from posttrain.rewarding import (
+    Reward,
+    RewardError,
+    RewardSpec,
+    build_reward_specs,
+    combine,
+    load_rewards,
+    reward_metrics,
+    score_batch,
+)
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
 COMPLETIONS = ["#### 1", "#### 2", "#### 3", "#### 4"]
@@ -20,7 +28,7 @@ COLUMNS = {"answer": ["1", "2", "0", "0"]}
 
 def make(fn, **spec) -> Reward:
     """A Reward around an in-test function (bypassing the name lookup), as load_rewards would build it."""
-    from posttrain.rewarding import _check_settings, _executor
+    from posttrain.rewarding.loading import _check_settings, _executor
 
     s = RewardSpec(name=spec.pop("name", fn.__name__), **spec)
     return Reward(s, fn, s.alias or fn.__name__, _executor(fn, s), _check_settings(fn, s, "test", "test"))
@@ -40,8 +48,10 @@ def test_spec_from_a_recipe_list():
 
 
 @pytest.mark.parametrize("raw,message", [
-    ({"name": "gsm8k", "wieght": 1}, r"rewards.0.wieght: unknown key; allowed keys here: alias, executor, kwargs"),
-    ({"name": "gsm8k", "on_error": "ignore"}, r"rewards.0.on_error: got 'ignore' \(str\); allowed: 'raise', 'zero', 'none'"),
+    ({"name": "gsm8k", "wieght": 1},
+     r"rewards.0.wieght: unknown key; allowed keys here: alias, executor, factory, kwargs"),
+    ({"name": "gsm8k", "on_error": "ignore"},
+     r"rewards.0.on_error: got 'ignore' \(str\); allowed: 'raise', 'zero', 'none'"),
     ({"name": "gsm8k", "weight": "nan"}, r"rewards.0.weight: must be a finite number"),
     ({"name": "gsm8k", "timeout": 0}, r"rewards.0.timeout: must be > 0 seconds or null"),
     ({"name": "gsm8k", "alias": "a/b"}, r"rewards.0.alias: letters, digits"),
@@ -64,8 +74,8 @@ def test_load_resolves_and_checks(tmp_path):
         load_rewards(build_reward_specs(["gsm8k", "gsm8k"]))
     with pytest.raises(ConfigError, match=r"rewards.0.name: unknown reward 'gsm9k'; registered: code, exact"):
         load_rewards(build_reward_specs(["gsm9k"]))
-    with pytest.raises(ConfigError, match=r"rewards.0.kwargs.gold_colum: not a setting of reward 'gsm8k'; its settings: "
-                                          r"abs_tol, gold_column, partial, rel_tol"):
+    with pytest.raises(ConfigError, match=r"rewards.0.kwargs.gold_colum: not a setting of reward 'gsm8k'; "
+                                          r"its settings: abs_tol, gold_column, partial, rel_tol"):
         load_rewards(build_reward_specs([{"name": "gsm8k", "kwargs": {"gold_colum": "x"}}]))
     with pytest.raises(ConfigError, match=r"must accept `completions` by keyword"):
         load_rewards(build_reward_specs([f"{path}:no_completions"]))
@@ -79,11 +89,9 @@ def test_trl_style_functions_run_unchanged():
         seen.update(kwargs)
         return [1.0 if c.endswith(a) else 0.0 for c, a in zip(completions, answer)]
 
-    batch = score_batch([make(accuracy)], PROMPTS, COMPLETIONS, COLUMNS, completion_ids=[[1], [2], [3], [4]],
-                        trainer_state={"global_step": 3})
+    batch = score_batch([make(accuracy)], PROMPTS, COMPLETIONS, COLUMNS, completion_ids=[[1], [2], [3], [4]])
     assert batch.values["accuracy"] == [1.0, 1.0, 0.0, 0.0]
     assert seen["prompts"] == PROMPTS and seen["completion_ids"] == [[1], [2], [3], [4]]
-    assert seen["trainer_state"] == {"global_step": 3}
 
 
 def test_functions_without_kwargs_get_only_what_they_name():
@@ -98,9 +106,11 @@ def test_settings_are_bound_and_clashes_reported():
         return [scale] * len(completions)
 
     assert run(make(scaled, kwargs={"scale": 3.0})).values["scaled"] == [3.0] * 4
-    with pytest.raises(RewardError, match=r"reward 'scaled': the name 'answer' is both a data column and a reward argument"):
+    with pytest.raises(RewardError,
+                       match=r"reward 'scaled': the name 'answer' is both a data column and a reward argument"):
         run(make(scaled, kwargs={"answer": 1}))
-    with pytest.raises(ConfigError, match=r"kwargs.scal: not a setting of reward 'scaled'; its settings: answer, scale"):
+    with pytest.raises(ConfigError,
+                       match=r"kwargs.scal: not a setting of reward 'scaled'; its settings: answer, scale"):
         make(scaled, kwargs={"scal": 1})
 
 
@@ -171,8 +181,8 @@ def test_thread_timeout_is_reported_and_abandoned():
         return [1.0] * len(completions)
 
     start = time.monotonic()
-    with pytest.raises(RewardError, match=r"reward 'slow': timed out after 0.3s on a batch of 4 completions; its thread is "
-                                          r"abandoned"):
+    with pytest.raises(RewardError, match=r"reward 'slow': timed out after 0.3s on a batch of 4 completions; "
+                                          r"its thread is abandoned"):
         run(make(slow, timeout=0.3))
     assert time.monotonic() - start < 2.5
     batch = run(make(slow, timeout=0.3, on_error="zero"))
@@ -230,10 +240,10 @@ def test_process_executor_runs_kills_and_respawns(user_rewards):
         assert first != os.getpid() and run(pid_reward).values["pid"][0] == first      # one persistent worker
         batch = run(spin)
         assert batch.values["spin"] == [None] * 4 and "timed out after 1.0s" in str(batch.errors[0])
-        worker = spin._worker
+        worker = spin.worker
         assert worker.dead and worker._proc.poll() is not None                          # the runaway was killed
         run(spin)
-        assert spin._worker is not worker                                               # and replaced
+        assert spin.worker is not worker                                               # and replaced
     finally:
         pid_reward.close()
         spin.close()
@@ -316,9 +326,6 @@ def test_combine_with_weights_and_abstentions():
     values = {"a": [1.0, None, 0.0, None], "b": [1.0, 1.0, None, None]}
     weights = {"a": 1.0, "b": 0.5}
     assert combine(values, weights) == [1.5, 0.5, 0.0, 0.0]
-    assert combine(values, weights, "renormalize") == [1.5, 1.5, 0.0, 0.0]
-    with pytest.raises(ValueError, match="abstain must be one of sum, renormalize"):
-        combine(values, weights, "mean")
 
 
 def test_batch_total_and_metrics():
@@ -336,8 +343,6 @@ def test_batch_total_and_metrics():
     assert m["reward/b/mean"] == pytest.approx(2 / 3) and m["reward/b/std"] == pytest.approx(math.sqrt(2) / 6)
     assert m["reward/mean"] == pytest.approx(0.5) and m["reward/std"] == pytest.approx(math.sqrt(1.625))
     assert m["reward/a/errors"] == 0.0 and m["reward/a/seconds"] >= 0.0
-    renorm = run(make(a, weight=2.0), make(b, weight=1.0), abstain="renormalize")
-    assert renorm.total == [pytest.approx(2.5), pytest.approx(0.5), pytest.approx(3.0), pytest.approx(3.0)]
 
 
 def test_builtins_through_the_executor():
@@ -359,3 +364,42 @@ def test_batch_shape_is_checked():
         score_batch([make(nan_at_2)], PROMPTS, COMPLETIONS, {"answer": ["1", "2"]})
     with pytest.raises(ValueError, match="3 prompts for 4 completions"):
         score_batch([make(nan_at_2)], PROMPTS[:3], COMPLETIONS)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_evaluation_verifies_through_the_executor(tmp_path):
+    """`posttrain eval` and in-training evaluation score with score_batch: TRL's call shape (messages for
+    conversational data, text otherwise; completion_ids), validation of the values, errors naming the reward."""
+    from posttrain.config import EvalConfig
+    from posttrain.data import DataConfig, to_examples
+    from posttrain.evaluation import verdicts
+    from posttrain.rollout.base import Completion
+
+    path = tmp_path / "verifiers.py"
+    path.write_text(textwrap.dedent("""
+        SEEN = {}
+        def echo(prompts, completions, answer, completion_ids, **kwargs):
+            SEEN.update(prompts=prompts, completions=completions, ids=completion_ids, columns=sorted(kwargs))
+            return [1.0 if str(a) in str(c) else 0.0 for c, a in zip(completions, answer)]
+        def nan(completions, **kwargs):
+            return [float("nan")] * len(completions)
+        """))
+    rows = [{"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2", "completion": "2", "source_id": 7},
+            {"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4", "completion": "4", "source_id": 8}]
+    chat = to_examples(rows, {"prompt": "prompt", "answer": "answer"}, DataConfig(source="x"))
+    plain = to_examples([{**r, "prompt": r["prompt"][0]["content"]} for r in rows], {"prompt": "prompt"},
+                        DataConfig(source="x"))
+    outs = [Completion([5, 6], "2", [0.0, 0.0], "stop"), Completion([7], "5", [0.0], "stop")]
+    cfg = EvalConfig(reward=f"{path}:echo")
+    assert verdicts(cfg, chat, outs) == [1.0, 0.0]
+    import sys
+    seen = next(m for n, m in sys.modules.items() if n.startswith("posttrain_user_reward_verifiers")).SEEN
+    assert seen["prompts"] == [r["prompt"] for r in rows]
+    assert seen["completions"] == [[{"role": "assistant", "content": "2"}], [{"role": "assistant", "content": "5"}]]
+    assert seen["ids"] == [[5, 6], [7]] and seen["columns"] == ["source_id"]       # prompt / completion are not columns
+    assert verdicts(cfg, plain, outs) == [1.0, 0.0]
+    assert seen["prompts"] == ["1+1?", "2+2?"] and seen["completions"] == ["2", "5"]
+    with pytest.raises(RewardError, match=r"reward 'nan' at sample 0: returned nan, expected a finite number"):
+        verdicts(EvalConfig(reward=f"{path}:nan"), plain, outs)
+    with pytest.raises(ConfigError, match=r"eval: stages.1.eval.reward.name: unknown reward 'nope'"):
+        verdicts(EvalConfig(reward="nope"), plain, outs, "stages.1.eval")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import rewards
-from rewards.answers import numeric_answer
-from rewards.code_tests import extract_code
+from posttrain import rewards
+from posttrain.rewards.answers import numeric_answer
+from posttrain.rewards.code_tests import extract_code
 
 GSM8K = Path(__file__).parents[2] / "shared/data/gsm8k"
 
@@ -92,10 +92,12 @@ def test_gsm8k_abstains_without_gold_and_names_bad_gold():
 
 # ------------------------------------------------------------------------------------------ math
 MATH_EQUIVALENT = [  # (gold, completion): math-verify must call these equal
-    (r"\frac{1}{2}", r"$\boxed{0.5}$"), (r"\frac{1}{2}", r"\boxed{\frac{2}{4}}"), (r"\frac{1}{2}", "The answer is 1/2."),
+    (r"\frac{1}{2}", r"$\boxed{0.5}$"), (r"\frac{1}{2}", r"\boxed{\frac{2}{4}}"),
+    (r"\frac{1}{2}", "The answer is 1/2."),
     ("0.5", r"\boxed{\dfrac{1}{2}}"), (r"-\frac{3}{4}", r"\boxed{-0.75}"), ("1.5", r"\boxed{\frac{3}{2}}"),
     ("3", "The answer is 3."), ("3", r"\boxed{3.0}"), ("1000", r"\boxed{1,000}"), ("1,000", r"\boxed{1000}"),
-    (r"2^{10}", r"\boxed{1024}"), (r"\sqrt{8}", r"\boxed{2\sqrt{2}}"), (r"\frac{\sqrt{2}}{2}", r"\boxed{\frac{1}{\sqrt{2}}}"),
+    (r"2^{10}", r"\boxed{1024}"), (r"\sqrt{8}", r"\boxed{2\sqrt{2}}"),
+    (r"\frac{\sqrt{2}}{2}", r"\boxed{\frac{1}{\sqrt{2}}}"),
     (r"\log_2 8", r"\boxed{3}"), (r"2\pi", r"$\boxed{2\pi}$"), (r"\pi/2", r"\boxed{\frac{\pi}{2}}"),
     (r"\infty", r"\boxed{\infty}"), (r"x^2+2x+1", r"\boxed{(x+1)^2}"), (r"y=2x+1", r"\boxed{y = 1 + 2x}"),
     ("x=2", r"\boxed{2}"), ("(1,2]", r"\boxed{(1,2]}"), (r"[0, 1)", r"\boxed{[0,1)}"),
@@ -107,10 +109,12 @@ MATH_EQUIVALENT = [  # (gold, completion): math-verify must call these equal
     (r"Half of 9 is \boxed{4.5}", r"\boxed{\frac{9}{2}}"),     # a whole gold solution ending in \boxed{}
 ]
 MATH_DIFFERENT = [  # (gold, completion): math-verify must call these different
-    ("3", r"\boxed{4}"), (r"\frac{1}{2}", r"\boxed{2}"), (r"\frac{1}{3}", r"\boxed{0.33}"), (r"2^{10}", r"\boxed{1023}"),
-    (r"\{1,2\}", r"\boxed{\{1,3\}}"), ("[1,2]", r"\boxed{(1,2)}"), (r"\text{(C)}", r"\boxed{D}"), ("0.5", "no answer here"),
+    ("3", r"\boxed{4}"), (r"\frac{1}{2}", r"\boxed{2}"), (r"\frac{1}{3}", r"\boxed{0.33}"),
+    (r"2^{10}", r"\boxed{1023}"), (r"\{1,2\}", r"\boxed{\{1,3\}}"), ("[1,2]", r"\boxed{(1,2)}"),
+    (r"\text{(C)}", r"\boxed{D}"), ("0.5", "no answer here"),
     (r"\sqrt{2}", r"\boxed{2}"), (r"x^2+1", r"\boxed{(x+1)^2}"), (r"2\pi", r"\boxed{2}"), ("-1", r"\boxed{1}"),
-    ("(1,2]", r"\boxed{[1,2]}"), ("1000", r"\boxed{100}"), (r"y=2x+1", r"\boxed{y = 2x - 1}"), (r"\infty", r"\boxed{-\infty}"),
+    ("(1,2]", r"\boxed{[1,2]}"), ("1000", r"\boxed{100}"), (r"y=2x+1", r"\boxed{y = 2x - 1}"),
+    (r"\infty", r"\boxed{-\infty}"),
     ("2,3", r"\boxed{2, 4}"), (r"\frac{7}{2}", r"\boxed{2/7}"),
 ]
 
@@ -130,7 +134,8 @@ def test_math_different(gold, completion):
 
 
 def test_math_gold_column_abstention_and_bad_gold():
-    assert rewards.math(["q", "q"], [r"\boxed{2}", r"\boxed{2}"], solution=["2", None], gold_column="solution") == [1.0, None]
+    got = rewards.math(["q", "q"], [r"\boxed{2}", r"\boxed{2}"], solution=["2", None], gold_column="solution")
+    assert got == [1.0, None]
     with pytest.raises(ValueError, match=r"sample 0: math-verify cannot read the gold answer in column 'answer'"):
         rewards.math(["q"], [r"\boxed{2}"], answer=[""])
 
@@ -219,7 +224,8 @@ def test_code_reward_fraction_of_asserts():
                    "def add(a, b):\n    return abs(a) + b",
                    "```python\ndef add(a, b) return\n```",              # syntax error
                    "no code"]
-    assert rewards.code(["p"] * 4, completions, tests=[tests] * 4) == [pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0, 0.0]
+    got = rewards.code(["p"] * 4, completions, tests=[tests] * 4)
+    assert got == [pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0, 0.0]
 
 
 def test_code_reward_abstains_and_checks_columns():
@@ -247,7 +253,7 @@ def test_extract_code(text, code):
 # ------------------------------------------------------------------------------------------ lookup
 def test_lookup_by_name_module_and_file(tmp_path):
     assert rewards.get("gsm8k") is rewards.gsm8k
-    assert rewards.get("rewards.numeric:gsm8k") is rewards.gsm8k
+    assert rewards.get("posttrain.rewards.numeric:gsm8k") is rewards.gsm8k
     path = tmp_path / "my_reward.py"
     path.write_text("def brevity(completions, **kwargs):\n    return [-len(c) / 100 for c in completions]\n")
     fn = rewards.get(f"{path}:brevity")
@@ -336,7 +342,7 @@ def test_cli_rewards_help(argv, capsys):
 def test_steps_verifies_every_line_of_an_arithmetic_chain():
     """`steps` takes chat or text prompts, rejects a right answer reached through a wrong step, a skipped step or a
     reordered chain, and names the row whose prompt is not a chain."""
-    from rewards import steps
+    from posttrain.rewards import steps
     from posttrain.tasks.arithmetic import ArithmeticConfig, generate
 
     rows = generate(ArithmeticConfig(digits=1, num_ops=3, num_examples=20))
@@ -352,3 +358,23 @@ def test_steps_verifies_every_line_of_an_arithmetic_chain():
     assert steps([q] * len(cases), list(cases), answer=["0"] * len(cases)) == list(cases.values())
     with pytest.raises(ValueError, match=r"reward 'steps': row 1: the prompt has no arithmetic chain"):
         steps(["What is 2 + 3?", "Name a colour."], ["#### 5", "red"], answer=["5", "red"])
+
+
+def _modules_with_doctests() -> list[str]:
+    import doctest
+    import importlib
+    import pkgutil
+
+    names = [f"posttrain.rewards.{m.name}" for m in pkgutil.iter_modules(rewards.__path__)]
+    return [n for n in names if any(t.examples for t in doctest.DocTestFinder().find(importlib.import_module(n)))]
+
+
+@pytest.mark.parametrize("module", _modules_with_doctests())
+def test_doctests(module):
+    """The reward modules' doctests, under their installed name posttrain.rewards.* (pytest's --doctest-modules would
+    import the top-level rewards/ directory as a second package `rewards`)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} doctests of {module} failed (output above)"

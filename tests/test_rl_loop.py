@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from posttrain.config import load_recipe, parse_recipe
@@ -137,8 +137,8 @@ def test_rl_stage_without_rewards_is_a_config_error(tiny_model_dir, tmp_path):
 
 
 def test_prompts_per_step_must_split_over_processes(tiny_model_dir, tmp_path):
-    from posttrain.sources import check_world
     from posttrain.rl.config import RolloutConfig
+    from posttrain.sources import check_world
 
     with pytest.raises(ConfigError, match=r"stages\.1\.rollout\.prompts_per_step \(6\) must be a multiple"):
         check_world(RolloutConfig(prompts_per_step=6), 4, "stages.1.rollout", "r.yaml")
@@ -150,14 +150,14 @@ def _builder(tiny_model_dir, reward: str, objective: dict, rollout: dict):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from posttrain.config import _build_objective
     from posttrain.configlib import build
     from posttrain.data import DataConfig, load_rows, to_examples
     from posttrain.objectives import build_objective
-    from posttrain.config import _build_objective
     from posttrain.rewarding import RewardSpec, load_rewards
-    from posttrain.sources import RolloutBuilder, rollout_prompts
     from posttrain.rl.config import RolloutConfig
     from posttrain.rollout import ENGINES
+    from posttrain.sources import RolloutBuilder, rollout_prompts
 
     acc = Accelerator(cpu=True)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -101,7 +101,8 @@ def tiny_rollout(adv=(1.0, -0.5)) -> tuple[PolicyOutput, Experience, torch.Tenso
     logp = torch.log(torch.tensor([[0.9, 0.5, 0.4], [0.9, 0.3, 0.9]])).requires_grad_()     # log pi
     exp = Experience(
         input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
-        loss_mask=torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0]]), source=torch.tensor([[PROMPT, PROMPT, POLICY, POLICY]] * 2),
+        loss_mask=torch.tensor([[0, 0, 1, 1], [0, 0, 1, 0]]),
+        source=torch.tensor([[PROMPT, PROMPT, POLICY, POLICY]] * 2),
         old_logprobs=torch.log(torch.tensor([[0.9, 0.4, 0.5], [0.9, 0.3, 0.9]])),              # log pi_old
         ref_logprobs=torch.log(torch.tensor([[0.9, 0.25, 0.4], [0.9, 0.6, 0.9]])),             # log pi_ref
         advantages=torch.tensor(adv)[:, None].expand(2, 3).clone())
@@ -126,7 +127,8 @@ def test_grpo_preset_by_hand():
     assert total.item() == pytest.approx(-0.2419315, abs=1e-5)
     # metrics, token means over 3 tokens: one upper clip; k3 mean = (0.193147 + 0 + 0.306853) / 3 = 1/6; H = ln 4
     assert float(m["clip_ratio/high"]) == pytest.approx(1 / 3) and float(m["clip_ratio/low"]) == 0
-    assert float(m["kl"]) == pytest.approx(1 / 6, abs=1e-6) and float(m["entropy"]) == pytest.approx(math.log(4), abs=1e-5)
+    assert float(m["kl"]) == pytest.approx(1 / 6, abs=1e-6)
+    assert float(m["entropy"]) == pytest.approx(math.log(4), abs=1e-5)
     # gradient w.r.t. log pi, weights 1/4 (row 0 tokens), 1/2 (row 1):
     # row 0 t1: clipped -> 0, plus k3' = 0.04 (1 - e^z) = 0.04 * 0.5 = 0.02 -> 0.005
     # row 0 t2: -r A = -0.8 -> -0.2;  row 1 t1: -r A + 0.04 (1 - 2) = 0.5 - 0.04 = 0.46 -> 0.23
@@ -278,7 +280,8 @@ def test_aggregations_equal_python_loops_and_accumulation():
 #   bnpo    = our token_mean with the micro-batch's own normalizer (TRL: local token mean / accumulation steps)
 #   dr_grpo = our seq_mean_token_sum_norm with Normalizer(seqs = B, max_len = max_completion_length)
 #   dapo    = our token_mean with the step's global normalizer: TRL divides every micro-batch's token sum by
-#             num_items_in_batch (tokens of the whole generation batch) / processes * accumulation / steps_per_generation
+#             num_items_in_batch (tokens of the whole generation batch) / processes * accumulation
+#             / steps_per_generation
 class FakeAccelerator:
     num_processes, is_main_process = 1, True
 
@@ -329,7 +332,8 @@ def trl_loss(trainer, logits, exp, p, rows, num_items=None):
     inputs = {"prompt_ids": ids[:, :p], "prompt_mask": exp.attention_mask[rows, :p],
               "completion_ids": ids[:, p:], "completion_mask": mask[:, p:],
               "advantages": exp.advantages[rows, 0],
-              "old_per_token_logps": exp.old_logprobs[rows, p - 1 :], "ref_per_token_logps": exp.ref_logprobs[rows, p - 1 :]}
+              "old_per_token_logps": exp.old_logprobs[rows, p - 1 :],
+              "ref_per_token_logps": exp.ref_logprobs[rows, p - 1 :]}
     if num_items is not None:
         inputs["num_items_in_batch"] = torch.tensor(float(num_items))
     return trainer._compute_loss(trainer.model, inputs)
@@ -413,7 +417,8 @@ def test_value_head_forward_and_checkpoint_round_trip(tiny_lm, tmp_path):
     exp = Experience(input_ids=ids, attention_mask=att, loss_mask=att, source=att)
     with torch.no_grad():
         pout = forward(model, exp)
-    assert pout.values.shape == pout.logprobs.shape == (2, 6) and torch.allclose(pout.values, out.values[:, :-1], atol=1e-6)
+    assert pout.values.shape == pout.logprobs.shape == (2, 6)
+    assert torch.allclose(pout.values, out.values[:, :-1], atol=1e-6)
     assert torch.allclose(pout.logits, out.logits[:, :-1], atol=1e-6)   # the LM head ran on positions 0..T-2 only
     # state_dict keys (what accelerate's save_state writes) round trip into a fresh wrapper
     state = model.state_dict()

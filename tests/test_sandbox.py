@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-import rewards
-from rewards import sandbox
-from rewards.sandbox import SandboxError, SandboxLimits, run_python
+from posttrain import rewards
+from posttrain.rewards import sandbox
+from posttrain.rewards.sandbox import SandboxError, SandboxLimits, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(timeout=3.0, cpu_seconds=2, memory_mb=512, max_processes=16)
@@ -228,7 +228,8 @@ def test_limits_are_reported(world):
     res = run_python("while True:\n    pass", limits=SandboxLimits(timeout=30, cpu_seconds=1), isolation="namespaces")
     assert not res.timed_out and "SIGXCPU" in res.code_error
     res = run_python("import os\nn = 0\nwhile n < 100:\n    try:\n        pid = os.fork()\n    except OSError:\n"
-                     "        break\n    if pid == 0:\n        import time\n        time.sleep(60)\n    n += 1\nprint(n)",
+                     "        break\n    if pid == 0:\n        import time\n        time.sleep(60)\n"
+                     "    n += 1\nprint(n)",
                      limits=SandboxLimits(timeout=20, max_processes=8), isolation="namespaces")
     assert int(res.stdout) <= 8
     res = run_python("while True:\n    print('y' * 1000)", limits=SandboxLimits(timeout=1, max_output_bytes=5000),

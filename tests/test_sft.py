@@ -8,8 +8,8 @@ from posttrain.data import DataConfig, collate_demos, to_examples, tokenize_demo
 from posttrain.experience import DEMO, PROMPT, Experience
 from posttrain.objectives import Normalizer, aggregate, build_objective
 from posttrain.objectives.sft import SFTConfig
-from posttrain.policy import PolicyOutput
 from posttrain.ops.logprobs import selective_log_softmax
+from posttrain.policy import PolicyOutput
 
 
 def test_sft_loss_by_hand():
@@ -37,7 +37,8 @@ def test_completion_mask_is_exactly_the_completion(tiny_tokenizer):
     items, stats = tokenize_demos(to_examples(rows, dict(cfg.columns), cfg), tok, cfg)
     exp = collate_demos(items, tok.pad_token_id)
     for i, row in enumerate(rows):
-        prompt = tok.apply_chat_template([{"role": "user", "content": row["q"]}], add_generation_prompt=True, tokenize=False)
+        prompt = tok.apply_chat_template([{"role": "user", "content": row["q"]}], add_generation_prompt=True,
+                                         tokenize=False)
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         masked = exp.input_ids[i][exp.loss_mask[i].bool()].tolist()
         # the loss tokens decode to exactly the completion, its end-of-turn token and the template's newline
@@ -50,7 +51,8 @@ def test_completion_mask_is_exactly_the_completion(tiny_tokenizer):
 
 
 def test_overlong_policies_are_counted(tiny_tokenizer):
-    rows = [{"prompt": "What is 1 + 2?", "completion": "1+2=3\n#### 3" * 20}, {"prompt": "What is 2 + 2?", "completion": "4"}]
+    rows = [{"prompt": "What is 1 + 2?", "completion": "1+2=3\n#### 3" * 20},
+            {"prompt": "What is 2 + 2?", "completion": "4"}]
     drop = DataConfig(source="inline", max_length=30, overlong="drop")
     items, stats = tokenize_demos(to_examples(rows, {}, drop), tiny_tokenizer, drop)
     assert (stats.kept, stats.dropped_overlong, stats.truncated) == (1, 1, 0)
@@ -67,7 +69,8 @@ def test_aggregations_on_a_ragged_batch_equal_python_loops():
     rows = [[loss[i, t].item() for t in range(5) if mask[i, t]] for i in range(3)]
     flat = [x for r in rows for x in r]
     assert aggregate(loss, mask, "token_mean").item() == pytest.approx(sum(flat) / len(flat), rel=1e-6)
-    assert aggregate(loss, mask, "seq_mean_token_mean").item() == pytest.approx(sum(sum(r) / len(r) for r in rows) / 3, rel=1e-6)
+    expected = sum(sum(r) / len(r) for r in rows) / 3
+    assert aggregate(loss, mask, "seq_mean_token_mean").item() == pytest.approx(expected, rel=1e-6)
     norm = Normalizer.of(mask, max_len=8)
     assert aggregate(loss, mask, "seq_mean_token_sum_norm", norm).item() == pytest.approx(sum(flat) / (3 * 8), rel=1e-6)
     # micro-batches with the global normalizer sum to the full-batch value, for every mode

@@ -33,7 +33,8 @@ def test_autotokenizer_round_trip_keeps_ids(tiny_model_dir):
 
 def test_chat_template_and_special_tokens(tiny_tokenizer):
     tok = tiny_tokenizer
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], add_generation_prompt=True,
+                                   tokenize=False)
     assert text == "<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     ids = tok(text, add_special_tokens=False)["input_ids"]

@@ -20,12 +20,14 @@ def _step_rows(run_dir):
 
 
 def test_grad_accumulation_8x1_equals_1x8(tiny_model_dir, tmp_path):
-    one = sft_recipe(tiny_model_dir, tmp_path / "one", steps=1, overrides=["train.micro_batch_size=8", "schedule.warmup_steps=0"])
-    eight = sft_recipe(tiny_model_dir, tmp_path / "eight", steps=1, overrides=["train.micro_batch_size=1", "schedule.warmup_steps=0"])
+    one = sft_recipe(tiny_model_dir, tmp_path / "one", steps=1,
+                     overrides=["train.micro_batch_size=8", "schedule.warmup_steps=0"])
+    eight = sft_recipe(tiny_model_dir, tmp_path / "eight", steps=1,
+                       overrides=["train.micro_batch_size=1", "schedule.warmup_steps=0"])
     train(one), train(eight)
     a, b = _step_rows(tmp_path / "one")[0], _step_rows(tmp_path / "eight")[0]
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # the accumulated gradient itself, not just Adam's sign
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # the accumulated gradient, not just Adam's sign
     wa, wb, w0 = _weights(tmp_path / "one/final"), _weights(tmp_path / "eight/final"), _weights(tiny_model_dir)
     assert max((wa[k] - w0[k]).abs().max().item() for k in w0) > 1e-4  # the step did move the weights
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
@@ -92,13 +94,61 @@ def test_progress_bar_shows_the_mean_reward_of_the_last_ten_steps():
     bar = Progress(False, total=20, initial=0, desc="grpo")
     for step in range(12):
         bar.update({"loss": 0.0, "reward/mean": float(step)})
-    assert bar.bar.postfix.endswith("reward(10)=6.500")          # mean of steps 2..11
+    assert bar.fields["reward(10)"] == "6.500"                     # mean of steps 2..11
     bar.update({"loss": 0.0, "eval/accuracy": 0.5})               # a row without a reward shows none
-    assert "reward" not in bar.bar.postfix and "acc=0.500" in bar.bar.postfix
+    assert "reward(10)" not in bar.fields and bar.fields["acc"] == "0.500"
+
+
+def test_progress_is_plain_lines_when_not_a_terminal():
+    """CI and SLURM logs are not terminals: one plain line per `interval` seconds (0 here: every step) and one at
+    the end, never a redrawn bar; with a long interval only the final line."""
+    import io
+
+    from posttrain.metrics import Progress
+
+    log = io.StringIO()
+    bar = Progress(True, total=3, initial=0, desc="sft", file=log, interval=0.0)
+    for loss in (0.5, 0.25, 0.125):
+        bar.update({"loss": loss, "tokens_per_s": 1000.0})
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split(" elapsed")[0] for line in lines] == [
+        "sft: step 1/3 loss 0.5000 tok/s 1000", "sft: step 2/3 loss 0.2500 tok/s 1000",
+        "sft: step 3/3 loss 0.1250 tok/s 1000"]                  # close adds nothing: step 3 was printed
+    assert "\r" not in log.getvalue() and lines[-1].endswith("eta 00:00")
+
+    log = io.StringIO()
+    bar = Progress(True, total=5, initial=2, desc="grpo", file=log, interval=3600.0)   # resumed at step 2
+    for _ in range(3):
+        bar.update({"loss": 0.0, "reward/mean": 1.0})
+    bar.close()
+    assert log.getvalue().startswith("grpo: step 5/5 loss 0.0000 tok/s 0 reward(10) 1.000 elapsed ")
+    assert len(log.getvalue().splitlines()) == 1
+
+
+def test_progress_is_a_bar_on_a_terminal():
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    from posttrain.metrics import Progress
+
+    master, replica = os.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a fresh pty is 0 columns wide
+    with os.fdopen(replica, "w") as tty:
+        bar = Progress(True, total=2, initial=0, desc="sft", file=tty, interval=0.0)
+        bar.update({"loss": 1.0})
+        bar.update({"loss": 0.5})
+        bar.close()
+    out = os.read(master, 4096).decode()
+    os.close(master)
+    assert bar.tty and "\r" in out and "sft: 2/2" in out and "step 2/2" not in out
 
 
 def test_reward_summary_line():
     from posttrain.trainer import reward_summary
 
     line = reward_summary("grpo", [0.0] * 15 + [0.5] * 120 + [0.3] * 15, 0.426)
-    assert line == "stage grpo: reward/mean 0.000 (first 15 steps) -> 0.300 (last 15 steps) over 150 steps; eval/accuracy 0.426"
+    assert line == ("stage grpo: reward/mean 0.000 (first 15 steps) -> 0.300 (last 15 steps) over 150 steps; "
+                    "eval/accuracy 0.426")

@@ -2,7 +2,7 @@
 
     L = (1 - mu) L_RL + mu L_SFT
 
-with mu moved by a controller after an SFT warm-up. What was taken from where (docs/hybrids.md):
+with mu moved by a controller after an SFT warm-up. What was taken from where (docs/provenance.md):
 - the paper (withdrawn; its arXiv v3 comment cites "concerns of potential academic misconduct") for the form of L and
   the two signals; nothing of its reported results is relied on;
 - the public code (TSYJ-He/AMFT@0e030f4, src/trainer/adaptive_weight_controller.py, configs/main_config.yaml; its RL
@@ -14,7 +14,7 @@ with mu moved by a controller after an SFT warm-up. What was taken from where (d
 
       dL_val(theta') / dmu = -alpha < grad L_val, g_SFT - g_RL >
 
-  and the code ADDS that to mu, which ascends the validation loss (docs/hybrids.md). Here mu descends it:
+  and the code ADDS that to mu, which ascends the validation loss (docs/provenance.md). Here mu descends it:
 
       warm-up (W steps):  mu = 1 (SFT only); H* = mean sft/entropy of the last `target_steps` warm-up steps
       then, each step:    mu <- clip( mu + eta_H (H* - H_t) - eta_m dL_val/dmu, mu_min, mu_max )
@@ -45,7 +45,8 @@ class AMFTConfig(MixerConfig):
     mu_min: float = field_doc(0.05, "lower clip of mu")
     mu_max: float = field_doc(0.95, "upper clip of mu")
     warmup_steps: int = field_doc(50, "W: SFT-only steps at the start of the stage (authors: 50)")
-    target_steps: int = field_doc(20, "the entropy target H* is the mean SFT entropy of the last this many warm-up steps")
+    target_steps: int = field_doc(20, "the entropy target H* is the mean SFT entropy of the last this many warm-up "
+                                      "steps")
     entropy_lr: float = field_doc(5e-4, "eta_H of the entropy term (0 = off)")
     meta_lr: float = field_doc(1e-4, "eta_m of the meta-gradient term (0 = off)")
     meta_every: int = field_doc(20, "a meta-gradient step every this many steps after the warm-up")
@@ -68,7 +69,8 @@ class AMFTConfig(MixerConfig):
 
 
 def meta_derivative(lr: float, dot_sft: float, dot_rl: float) -> float:
-    """dL_val / dmu = -alpha <grad L_val, g_SFT - g_RL> for the look-ahead theta' = theta - alpha[(1-mu) g_RL + mu g_SFT]."""
+    """dL_val / dmu = -alpha <grad L_val, g_SFT - g_RL>, for the one-step look-ahead
+    theta' = theta - alpha [(1 - mu) g_RL + mu g_SFT]."""
     return -lr * (dot_sft - dot_rl)
 
 

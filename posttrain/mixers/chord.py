@@ -4,7 +4,7 @@
 
 with mu(s) a schedule of the stage step s. Followed: the authors' code (modelscope/Trinity-RFT,
 trinity/algorithm/policy_loss_fn/chord_policy_loss.py and examples/mix_chord/mix_chord.yaml, read through the
-search index at 0414330; docs/hybrids.md): mu rises linearly from 0 to mu_peak over W warm-up steps, then follows
+search index at 0414330; docs/provenance.md): mu rises linearly from 0 to mu_peak over W warm-up steps, then follows
 half a cosine to mu_valley over D steps and stays there:
 
     mu(s) = mu_peak s / W                                                 s < W

@@ -3,7 +3,7 @@
     each RL step:   every prompt whose G sampled rollouts all fail (reward <= threshold) puts its row in a buffer
     when the buffer holds N rows:   the next step is an SFT step on the oldest N rows' demonstrations (no rollouts)
 
-Followed: the authors' code (TheRoadQaQ/ReLIFT@eb95454, relift/verl/verl/relift/; docs/hybrids.md):
+Followed: the authors' code (TheRoadQaQ/ReLIFT@eb95454, relift/verl/verl/relift/; docs/provenance.md):
 the buffer of failed prompts (trainer.py L436-452: one item per prompt whose 8 rollouts all fail), the SFT pass on the
 oldest `sft_data_size` items once the buffer holds them (L514-533), its loss token-mean NLL - 0.001 H (the `sft`
 objective with entropy_coef 0.001), the RL side LUFFY-style GRPO without std or clip, Dr. GRPO's normaliser (the
@@ -26,11 +26,13 @@ class ReLIFTConfig(MixerConfig):
 
     rl: str = field_doc("grpo", "the stage objective of the RL steps")
     sft: str = field_doc("sft", "the stage objective of the SFT steps (on the buffered rows' demonstrations)")
-    buffer_size: int = field_doc(128, "N: rows per SFT step (authors' script: 128; their yaml: 32); -1 = never (pure RL)")
+    buffer_size: int = field_doc(128, "N: rows per SFT step (authors' script: 128; their yaml: 32); -1 = never "
+                                      "(pure RL)")
     threshold: float = field_doc(0.0, "a group fails when every sampled rollout's reward is <= this")
 
     def check(self) -> None:
-        require(self.buffer_size == -1 or self.buffer_size >= 1, "buffer_size", f"must be >= 1 or -1, got {self.buffer_size}")
+        require(self.buffer_size == -1 or self.buffer_size >= 1, "buffer_size",
+                f"must be >= 1 or -1, got {self.buffer_size}")
         require(self.rl != self.sft, "sft", f"must name another objective than rl ({self.rl!r})")
 
     def objective_names(self) -> list[str]:

@@ -1,7 +1,7 @@
 """SASR — step-wise adaptive integration of SFT and RL (Chen et al., arXiv 2505.13026): an SFT warm-up, then every
 step is either an SFT step or a GRPO step, drawn at random with a probability that follows the model's state.
 
-What is known (the abstract, v2 and v3; docs/hybrids.md): the warm-up records the SFT gradient norm; the hybrid
+What is known (the abstract, v2 and v3; docs/provenance.md): the warm-up records the SFT gradient norm; the hybrid
 phase "monitors gradient norms and divergence from the initial distribution" with a hyperparameter gamma to choose
 between SFT and GRPO step by step; the GRPO branch splits tokens at the median advantage (G+ / G-: a review of the
 paper; `median_split` on the GRPO objective). The paper's Algorithm 1 is UNVERIFIED: its code is not public and its
@@ -49,7 +49,8 @@ class SASRConfig(MixerConfig):
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         require(self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}")
         require(0 <= self.min_probability <= self.max_probability <= 1, "max_probability",
-                f"need 0 <= min_probability <= max_probability <= 1, got {self.min_probability}, {self.max_probability}")
+                f"need 0 <= min_probability <= max_probability <= 1, got {self.min_probability}, "
+                f"{self.max_probability}")
         require(self.window >= 1, "window", f"must be >= 1, got {self.window}")
         require(self.rl != self.sft, "sft", f"must name another objective than rl ({self.rl!r})")
 

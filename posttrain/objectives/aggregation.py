@@ -1,4 +1,4 @@
-"""Named loss aggregations, kept apart from the per-token losses (reference/objectives.md, Notation).
+"""Named loss aggregations, kept apart from the per-token losses (docs/provenance.md, Aggregations).
 
 An optimizer step sees many micro-batches on many processes. `Normalizer` holds the *global* counts of the step,
 so that `aggregate` of each micro-batch sums, over all micro-batches and processes, to exactly the aggregate of

@@ -29,8 +29,8 @@ from posttrain.configlib import field_doc, require
 from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
 from posttrain.objectives.dft import dft_per_token
-from posttrain.ops.masked import masked_mean
 from posttrain.ops.logprobs import full_vocab_kl
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 
 
@@ -38,9 +38,11 @@ from posttrain.policy import PolicyOutput
 class ASFTConfig(ObjectiveConfig):
     """DFT anchored to the stage's initial policy by an exact per-position KL."""
 
-    kl_coef: float = field_doc(0.1, "lambda, weight of the per-token KL anchor (authors' code default 0.1; paper runs 0.05)")
+    kl_coef: float = field_doc(0.1, "lambda, weight of the per-token KL anchor (authors' code default 0.1; paper runs "
+                                    "0.05)")
     kl_direction: Literal["ref_to_policy", "policy_to_ref"] = field_doc(
-        "ref_to_policy", "ref_to_policy: KL(pi_ref || pi), the authors' code; policy_to_ref: KL(pi || pi_ref), paper Eq. 6")
+        "ref_to_policy", "ref_to_policy: KL(pi_ref || pi), the authors' code; policy_to_ref: KL(pi || pi_ref), "
+                         "paper Eq. 6")
 
     def check(self) -> None:
         super().check()

@@ -37,7 +37,8 @@ class ObjectiveConfig:
     """Settings every objective has; each objective's own config adds its fields."""
 
     type: str = field_doc("", "registered objective name (defaults to the key under `objectives:`)")
-    aggregation: str = field_doc("token_mean", "named loss aggregation: token_mean, seq_mean_token_mean, seq_mean_token_sum_norm")
+    aggregation: str = field_doc("token_mean", "named loss aggregation: token_mean, seq_mean_token_mean, "
+                                               "seq_mean_token_sum_norm")
 
     def check(self) -> None:
         require(self.aggregation in AGGREGATIONS, "aggregation",

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
-from posttrain.policy import PolicyOutput
 from posttrain.ops.masked import masked_mean
+from posttrain.policy import PolicyOutput
 
 
 @dataclass(frozen=True)

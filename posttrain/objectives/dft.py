@@ -7,7 +7,7 @@ detached: the gradient is that of -(1/N) sum m p, i.e. the SFT gradient reweight
 rectification" of SFT's implicit 1/p importance weight). The (1/N) is the recipe's aggregation (`token_mean` is the
 paper's). Sources: the formula as restated in ASFT (arXiv 2509.23753, Eq. 3, read from the PDF in the authors' repo)
 and the DFT authors' one-line implementation (their README: the CE loss times the detached softmax probability of
-the label). The equation number in the DFT paper itself is unverified. Paper setup (reference/objectives.md §2): lr
+the label). The equation number in the DFT paper itself is unverified. Paper setup (docs/provenance.md, DFT): lr
 5e-5, batch 256, 1 epoch, cosine, warmup 0.1. TRL 1.16 `SFTConfig(loss_type="dft")` computes the same loss
 (tests/test_objectives_demo.py compares them).
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from posttrain.experience import DEMO, Experience
-from posttrain.ops.masked import masked_mean
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 
 

@@ -29,10 +29,10 @@ from torch import Tensor
 from posttrain.configlib import field_doc, require
 from posttrain.experience import POLICY, Experience
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 from posttrain.rl.advantages import ADVANTAGES, AdvantageParams
 from posttrain.rl.kl import KL_ESTIMATORS, kl_estimate
-from posttrain.ops.masked import masked_mean
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import policy_gradient
 from posttrain.sources.plan import RolloutPlan
@@ -50,9 +50,11 @@ class GRPOConfig(ObjectiveConfig):
     whiten_advantages: bool = field_doc(False, "whiten the advantages over the whole batch (all processes) afterwards")
     eps_low: float = field_doc(0.2, "lower clip: r >= 1 - eps_low")
     eps_high: float = field_doc(0.2, "upper clip: r <= 1 + eps_high (clip-higher when > eps_low)")
-    dual_clip: float | None = field_doc(None, "dual-clip constant c > 1: for A < 0 the loss is at most c |A| (null = off)")
+    dual_clip: float | None = field_doc(None, "dual-clip constant c > 1: for A < 0 the loss is at most c |A| "
+                                              "(null = off)")
     beta: float = field_doc(0.04, "KL coefficient (0 = no KL term and no reference model)")
-    kl_estimator: Literal["k1", "k2", "k3"] = field_doc("k3", "sample KL estimator: k2 or k3 in the loss, k1 in the reward")
+    kl_estimator: Literal["k1", "k2", "k3"] = field_doc("k3", "sample KL estimator: k2 or k3 in the loss, k1 in the "
+                                                              "reward")
     kl_placement: Literal["loss", "reward"] = field_doc(
         "loss", "loss: + beta k_t per token here; reward: R_i - beta sum_t k_t, applied by the experience builder")
     is_cap: float | None = field_doc(
@@ -63,7 +65,8 @@ class GRPOConfig(ObjectiveConfig):
     max_sampling_rounds: int = field_doc(8, "dynamic sampling: at most this many generation rounds per batch")
     entropy_metric: bool = field_doc(True, "log the policy entropy of the loss tokens (a no-grad pass over the logits)")
     median_split: bool = field_doc(
-        False, "SASR's G+ / G- token split (from a review of arXiv 2505.13026, UNVERIFIED: the paper's use of it is not "
+        False, "SASR's G+ / G- token split (from a review of arXiv 2505.13026, UNVERIFIED: the paper's use of it is "
+               "not "
                "known): re-centre the advantages on their median over the batch's tokens, so the tokens above it (G+) "
                "are pushed up and the rest (G-) down")
 

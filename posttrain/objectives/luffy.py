@@ -13,7 +13,7 @@
 The gradient of the shaped term is -A gamma p / (p + gamma)^2 grad log p: it vanishes for demonstration tokens the
 policy already finds likely (p >> gamma) and for ones it finds very unlikely, and is largest near p = gamma.
 
-Followed: the authors' code (ElliottYan/LUFFY@01f4ae0, luffy/verl/verl/mix_src/; docs/hybrids.md) where
+Followed: the authors' code (ElliottYan/LUFFY@01f4ae0, luffy/verl/verl/mix_src/; docs/provenance.md) where
 the paper is silent or differs: one full demonstration + EOS per group (n_prefix = 1, ratio 1); `grpo` advantages
 with grpo_use_std = False over all 8 rows; `off_policy_reshape = p_div_p_0.1` (f above, gamma 0.1);
 `loss_remove_clip = True` (the on-policy ratio unclipped: clip_policy false here); `loss_remove_token_mean = True`
@@ -33,9 +33,9 @@ from posttrain.configlib import field_doc, require
 from posttrain.experience import DEMO, POLICY, Experience
 from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_plan
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy
-from posttrain.ops.masked import masked_mean
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import Surrogate, advantages, clipped_surrogate, truncated_is_weight
 from posttrain.sources.plan import RolloutPlan
@@ -102,7 +102,8 @@ class MixedPolicyLoss(NamedTuple):
     metrics: dict         # demo/prob, demo/shaping
 
 
-def mixed_policy_loss(c: LUFFYConfig, out: PolicyOutput, exp: Experience, weight: Tensor | None = None) -> MixedPolicyLoss:
+def mixed_policy_loss(c: LUFFYConfig, out: PolicyOutput, exp: Experience,
+                      weight: Tensor | None = None) -> MixedPolicyLoss:
     """LUFFY's per-token loss (the equations above); `weight` [B, L] multiplies the sampled tokens' term (SRFT)."""
     demo = exp.source[:, 1:] == DEMO                                             # [B, L] demonstration tokens
     logp = out.logprobs                                                          # [B, L] log pi(o_t|s_t)

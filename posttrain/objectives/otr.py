@@ -17,8 +17,8 @@ and log pi(a_k) is gathered by `ops.selective_log_softmax` with a [B, L, K] inde
 Confirmed (arXiv abstract/HTML page 2509.26313v1 and reviews of it, via search): each token is a single-step RL
 trajectory; several candidates are sampled per position from the current policy; the gold token provides the reward;
 a second term penalises probability on sampled incorrect tokens. UNVERIFIED (no official code was found, and the
-stored paper text was not reachable past its abstract): the paper's equation number, K (256 reported in
-reference/objectives.md), tau (described there as > 1), beta (< 1, possibly slightly negative) and the learning rate.
+stored paper text was not reachable past its abstract): the paper's equation number, K (256 reported in the
+summaries, docs/provenance.md), tau (described there as > 1), beta (< 1, possibly slightly negative) and the learning rate.
 The defaults below follow those descriptions and must be checked against the paper before claiming a reproduction.
 Searched again (2026-11-22: the stored pages and code corpora, arXiv HTML v1, paper-summary sites, a search for
 an official repository): none reached the paper's experimental section, so K, tau and beta remain unverified.
@@ -32,8 +32,8 @@ from torch import Tensor
 from posttrain.configlib import field_doc, require
 from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, register_objective, terms
-from posttrain.ops.masked import masked_mean
 from posttrain.ops.logprobs import sample_tokens, selective_log_softmax
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 
 
@@ -67,5 +67,5 @@ class OTR:
         hit = (a == y[..., None]).float()                                            # [B, L, K] 1[a_k = y*_t]
         reward = hit + c.beta * (1.0 - hit)                                          # [B, L, K] R_k (no grad)
         log_pi_a = selective_log_softmax(out.logits, a)                              # [B, L, K] log pi(a_k | s_t)
-        loss = -(reward * log_pi_a).mean(-1)                                         # [B, L] -(1/K) sum_k R_k log pi(a_k)
+        loss = -(reward * log_pi_a).mean(-1)                                   # [B, L] -(1/K) sum_k R_k log pi(a_k)
         return loss, {"hit_rate": masked_mean(hit.mean(-1), mask), "nll": masked_mean(-out.logprobs, mask)}

@@ -23,13 +23,14 @@ from posttrain.configlib import field_doc, require
 from posttrain.experience import POLICY, Experience
 from posttrain.objectives.base import ObjectiveConfig, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, check_policy_gradient
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 from posttrain.rl.advantages import AdvantageParams
 from posttrain.rl.kl import kl_estimate
-from posttrain.ops.masked import masked_mean
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import policy_gradient
 from posttrain.sources.plan import RolloutPlan
+
 
 @dataclass(frozen=True)
 class PPOConfig(ObjectiveConfig):

@@ -12,7 +12,7 @@
     entropy    the floor(rho(s) N) lowest-entropy prefix tokens of the rollout batch get A = 0 (only the
     selection  high-entropy demonstration tokens teach; the continuation is untouched)
 
-Followed: the authors' code (ZeroYuHuang/prefix_rft@5f5d2a1, recipe/prefix_rft/; docs/hybrids.md):
+Followed: the authors' code (ZeroYuHuang/prefix_rft@5f5d2a1, recipe/prefix_rft/; docs/provenance.md):
 prefix tokens inside the clipped loss (`enable_clip = True`; `clip_prefix: false` gives them the unclipped -A r),
 dual clip c = 3, clip 0.2 / 0.2, entropy coefficient 0.001, no KL, advantage over the dataset-row uid (all K n
 rollouts of a prompt), the prefix-ratio bounds as controllers of the step (constant / linear / cosine decay, each a
@@ -37,9 +37,9 @@ from posttrain.configlib import field_doc, require
 from posttrain.experience import POLICY, PREFIX, Experience
 from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_plan
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy
-from posttrain.ops.masked import masked_mean
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import advantages, clipped_surrogate, policy_gradient
 from posttrain.schedules import Schedule
@@ -91,7 +91,8 @@ class PrefixRFT:
 
     def rollout_plan(self) -> RolloutPlan:
         c = self.config
-        prefixes = PrefixSampling(c.prefixed, c.low, c.high, c.min_prefix_tokens, c.entropy_mask) if c.prefixed else None
+        prefixes = None if not c.prefixed else \
+            PrefixSampling(c.prefixed, c.low, c.high, c.min_prefix_tokens, c.entropy_mask)
         return grpo_plan(c, reference=False, prefixes=prefixes)
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -101,7 +102,8 @@ class PrefixRFT:
         loss = pg.loss
         prefix = exp.source[:, 1:] == PREFIX                                         # [B, L]
         if not c.clip_prefix:                                                        # -A r on prefix tokens
-            loss = torch.where(prefix, clipped_surrogate(pg.ratio, advantages(exp), float("inf"), float("inf")).loss, loss)
+            unclipped = clipped_surrogate(pg.ratio, advantages(exp), float("inf"), float("inf")).loss   # -A r
+            loss = torch.where(prefix, unclipped, loss)
         bonus = c.entropy_coef > 0
         metrics = dict(pg.metrics) | policy_metrics(pg.surrogate, pg.ratio,
                                                     out.logits if c.entropy_metric and not bonus else None, mask)

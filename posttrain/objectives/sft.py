@@ -2,7 +2,7 @@
 
     L = -(1/N) sum_{i,t} m_{i,t} log pi(y*_{i,t} | s_{i,t})  [ - c_H (1/N) sum_{i,t} m_{i,t} H(pi(.|s_{i,t})) ]
 
-(docs/hybrids.md, SFT). The (1/N) is the aggregation (`token_mean` by default); this file gives the per-token
+(docs/provenance.md, SFT). The (1/N) is the aggregation (`token_mean` by default); this file gives the per-token
 term. The optional entropy bonus is ReLIFT's SFT loss (arXiv 2506.07527; the authors' code: token mean NLL - 0.001
 H); `entropy_metric` logs the policy entropy of the demonstration tokens (AMFT's entropy target is measured on it).
 """
@@ -15,9 +15,9 @@ from torch import Tensor
 from posttrain.configlib import field_doc, require
 from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, Term, register_objective, terms
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy, token_entropy
-from posttrain.ops.masked import masked_mean
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@
     H_t          the policy's entropy at the token's position (detached in the weights)
 
 The RL terms are LUFFY's (objectives/luffy.py: advantages R - mean over the group including the demonstration, no
-std, no clip, Dr. GRPO's normaliser); SRFT is reported to build on LUFFY's code. Sources (docs/hybrids.md): the
+std, no clip, Dr. GRPO's normaliser); SRFT is reported to build on LUFFY's code. Sources (docs/provenance.md): the
 paper's equations through secondary summaries ([2nd]); the authors' repository (fyqqyf/SRFT) could not be fetched,
 so every coefficient is UNVERIFIED against the code: 0.5, 0.1, the entropy bonus 0.001, lr 1e-6, 8 rollouts.
 """
@@ -25,11 +25,11 @@ from torch import Tensor
 from posttrain.configlib import field_doc, require
 from posttrain.experience import DEMO, POLICY, Experience
 from posttrain.objectives.base import Term, register_objective, terms
-from posttrain.objectives.luffy import LUFFYConfig, mixed_policy_loss
 from posttrain.objectives.grpo import grpo_plan
+from posttrain.objectives.luffy import LUFFYConfig, mixed_policy_loss
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy, token_entropy
-from posttrain.ops.masked import masked_mean
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import advantages
 from posttrain.sources.plan import RolloutPlan

@@ -9,7 +9,7 @@
     A           GRPO's group z-score over the G rollouts of the prompt (all share one hint)
     lambda      0.001: a small log-likelihood term on the hint tokens (the supervised part)
 
-Followed: the authors' code (liumy2010/UFT@ad3c8ec; docs/hybrids.md): the hint draw
+Followed: the authors' code (liumy2010/UFT@ad3c8ec; docs/provenance.md): the hint draw
 (verl/utils/dataset/rl_dataset.py), the loss (verl/workers/actor/dp_actor.py update_policy: pg_loss -
 entropy_coeff * entropy + sft_loss_coef * masked mean CE over the hint, + kl_loss_coef * KL), the settings of run.py
 and scripts/train.sh: 4 rollouts, sft_loss_coef 0.001, lower/upper p 0.05 / 0.95, T = 500, T_hint = 300, lr 1e-6,
@@ -28,9 +28,9 @@ from posttrain.configlib import field_doc, require
 from posttrain.experience import POLICY, PREFIX, Experience
 from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_loss, grpo_plan
+from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
 from posttrain.rl.kl import policy_entropy
-from posttrain.ops.masked import masked_mean
 from posttrain.schedules import Schedule
 from posttrain.sources.guidance import HintSampling
 from posttrain.sources.plan import RolloutPlan

@@ -8,8 +8,8 @@ Every objective reads the vocabulary through these three functions; each formula
 
 The first two are `torch.autograd.Function`s that save only their inputs (the logits, in the model's dtype, which
 the model's graph keeps anyway) and [B, L] float32 statistics (logsumexp, KL), then recompute the softmax block by
-block in backward. The float32 work buffers are bounded by `chunk_bytes` (default 64 MiB), whatever B, L and V are; the only
-full-size tensor they create is the gradient w.r.t. the logits (in the logits' dtype), which any implementation
+block in backward. The float32 work buffers are bounded by `chunk_bytes` (default 64 MiB), whatever B, L and V are; the
+only full-size tensor they create is the gradient w.r.t. the logits (in the logits' dtype), which any implementation
 must return (for a slice such as `out.logits[:, :-1]`, autograd's own backward of the slice adds one more
 full-size buffer, as for any implementation). Blocks are views of the logits: no copy of a non-contiguous slice.
 """

@@ -1,4 +1,5 @@
-"""Advantage estimators (a registry) and whitening across processes.
+"""Advantage estimators (a registry) and whitening across processes. Sources and checks: docs/provenance.md, "Advantage
+estimators".
 
 Outcome estimators turn one scalar reward per sample, R_i [B], into A_i [B], broadcast to every loss token:
     group_zscore   A_i = (R_i - mean_G R) / (std_G R + eps)      GRPO (arXiv 2402.03300, Sec. 4.1.2)

@@ -10,7 +10,7 @@
 
 One stage step = one rollout batch of prompts_per_step * n completions, then num_iterations passes over its
 mini-batches, one optimizer step each: (prompts_per_step * n / mini_batch_size) * num_iterations optimizer steps.
-The `rewards:` list (posttrain/rewarding.py RewardSpec) scores the completions. Both sections are top-level
+The `rewards:` list (posttrain/rewarding/spec.py RewardSpec) scores the completions. Both sections are top-level
 defaults a stage may override (`rollout` deep-merged, `rewards` replaced).
 """
 from __future__ import annotations

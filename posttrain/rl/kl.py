@@ -1,5 +1,5 @@
 """Sample estimators of KL(pi || pi_ref) at the sampled token, and the policy entropy (Schulman, "Approximating KL
-divergence", 2020; GRPO's k3: arXiv 2402.03300 eq. 4).
+divergence", 2020; GRPO's k3: arXiv 2402.03300 eq. 4; docs/provenance.md, "GRPO, Dr. GRPO, DAPO").
 
 With z = log pi_ref(o_t | s_t) - log pi(o_t | s_t), o_t ~ pi, clamped to [-Z_MAX, Z_MAX]:
 

@@ -2,9 +2,9 @@
 over the loss tokens, ops/masked.py)."""
 from __future__ import annotations
 
-from torch import Tensor
-
 from typing import TYPE_CHECKING
+
+from torch import Tensor
 
 from posttrain.ops.masked import masked_mean
 from posttrain.rl.kl import token_entropy

@@ -1,4 +1,5 @@
-"""The clipped policy-gradient surrogate shared by GRPO, DAPO and PPO, and the truncated importance-sampling weight.
+"""The clipped policy-gradient surrogate shared by GRPO, DAPO and PPO, and the truncated importance-sampling weight
+(sources: docs/provenance.md, "GRPO, Dr. GRPO, DAPO").
 
     l_t = -min( r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t )         PPO (arXiv 1707.06347 eq. 7);
                                                                              clip-higher eps_low != eps_high (DAPO,

@@ -32,7 +32,8 @@ class SamplingConfig:
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        require(all(self.stop), "stop", f"stop strings must be non-empty (an empty one matches any text), got {self.stop}")
+        require(all(self.stop), "stop",
+                f"stop strings must be non-empty (an empty one matches any text), got {self.stop}")
 
 
 @dataclass

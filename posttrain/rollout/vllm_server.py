@@ -38,7 +38,13 @@ import torch
 from posttrain.configlib import build, field_doc, require
 from posttrain.rollout.base import ENGINE_REQUIREMENTS, ENGINES, Completion, SamplingConfig, prompt_contexts
 from posttrain.rollout.vllm_engine import (
-    completion_logprobs, eos_token_ids, first_request_seed, import_vllm, iter_weights, require_vllm, weight_entries,
+    completion_logprobs,
+    eos_token_ids,
+    first_request_seed,
+    import_vllm,
+    iter_weights,
+    require_vllm,
+    weight_entries,
 )
 
 

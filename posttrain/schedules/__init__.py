@@ -12,7 +12,7 @@ ratio, UFT's hint probability). One typed config, one small file per shape, regi
 s is the stage step, counted from 0. In a recipe a plain number is a constant schedule: `mu: 0.1` is
 `mu: {name: constant, start: 0.1}`.
 """
-from posttrain.schedules.base import SCHEDULES, Schedule, schedule_value
 from posttrain.schedules import constant, cosine, linear  # noqa: F401  (register the shapes)
+from posttrain.schedules.base import SCHEDULES, Schedule, schedule_value
 
 __all__ = ["SCHEDULES", "Schedule", "schedule_value"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain.configlib import ConfigError
-from posttrain.data import TokenStats, Tokenized, load_rows, require_prompts, to_examples, tokenize_demos
+from posttrain.data import Tokenized, TokenStats, load_rows, require_prompts, to_examples, tokenize_demos
 from posttrain.objectives import build_objective
 from posttrain.sources.plan import RolloutPlan
 from posttrain.sources.rollouts import Prompt, check_demonstrations, check_world, rollout_prompts

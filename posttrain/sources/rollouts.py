@@ -52,9 +52,9 @@ from posttrain.rl.config import RolloutConfig
 from posttrain.rl.kl import token_entropy
 from posttrain.rl.sampling import fill_batch, first_groups, informative
 from posttrain.rollout.base import Completion, encode_prompts
+from posttrain.schedules import schedule_value
 from posttrain.sources.guidance import draw_hint, draw_ratio, lowest_fraction, prefix_length, solution_steps
 from posttrain.sources.plan import RolloutPlan
-from posttrain.schedules import schedule_value
 
 NOT_REWARD_COLUMNS = ("prompt", "completion", "completion_ids")   # passed as prompts= / completions= instead (TRL)
 
@@ -212,7 +212,8 @@ class RolloutBuilder:
         scored = self.score([r for r, _ in rows])
         self.log.add_time("reward", time.perf_counter() - started)
         samples = Samples([r for r, _ in rows], torch.tensor(scored.total, dtype=torch.float32),
-                          torch.tensor([pos for _, pos in rows], dtype=torch.long), torch.ones(len(rows), dtype=torch.bool))
+                          torch.tensor([pos for _, pos in rows], dtype=torch.long),
+                          torch.ones(len(rows), dtype=torch.bool))
         self.record(samples, scored)
         return samples
 
@@ -222,7 +223,8 @@ class RolloutBuilder:
         prefixed = p.prefixes.prefixed if p.prefixes else 0
         hints = [self.hint(item, pos) for item, pos in zip(items, positions)] if p.hints else [[] for _ in items]
         in_response = bool(p.hints and p.hints.in_response)
-        plain = self.generate(items, positions, s.n - prefixed, hints, stream=0) if s.n > prefixed else [[] for _ in items]
+        plain = self.generate(items, positions, s.n - prefixed, hints, stream=0) if s.n > prefixed else \
+            [[] for _ in items]
         groups = [[Row(item, c, h, POLICY, in_response) for c in cs] for item, cs, h in zip(items, plain, hints)]
         if prefixed:
             prefixes = [[self.prefix(item, pos, j) for j in range(prefixed)] for item, pos in zip(items, positions)]
@@ -250,7 +252,8 @@ class RolloutBuilder:
         for j, (p, pos) in enumerate(zip(items, positions)):     # one stream per prompt (and prefix slot)
             slot[pos] = slot.get(pos, -1) + 1
             key = (s.seed, pos) + ((stream, slot[pos]) if stream else ())
-            out.append(self.engine.generate([p.ids], dataclasses.replace(s, seed=_seed(*key)), [pre[j]] if pre else None)[0])
+            one = self.engine.generate([p.ids], dataclasses.replace(s, seed=_seed(*key)), [pre[j]] if pre else None)
+            out.append(one[0])
         return out
 
     def prefix(self, item: Prompt, position: int, slot: int) -> list[int]:
@@ -332,7 +335,8 @@ class RolloutBuilder:
         order = list(dict.fromkeys(group))                                 # groups in order of appearance
         first = {g: group.index(g) for g in order}
         table = torch.tensor([[float(s.rows[first[g]].prompt.row)] +
-                              [float(s.rewards[i]) for i in range(len(s.rows)) if group[i] == g and s.rows[i].kind == POLICY]
+                              [float(s.rewards[i]) for i in range(len(s.rows))
+                               if group[i] == g and s.rows[i].kind == POLICY]
                               for g in order], dtype=torch.float64)       # [groups, 1 + G]
         table = self.gather(table.flatten()).view(-1, table.shape[1]) if self.world > 1 else table
         return [GroupOutcome(int(r[0]), r[1:].tolist()) for r in table]
@@ -345,14 +349,15 @@ class RolloutBuilder:
                 for a, r in zip(s.active.tolist(), s.rows)]
         input_ids = pad_right([r.prompt.ids + r.prefix + r.completion.token_ids for r in s.rows], self.pad_id)  # [B, T]
         width = input_ids.shape[1]
-        source = pad_right([[PROMPT] * len(r.prompt.ids) + [PREFIX] * len(r.prefix) + [r.kind] * len(r.completion.token_ids)
+        source = pad_right([[PROMPT] * len(r.prompt.ids) + [PREFIX] * len(r.prefix)
+                            + [r.kind] * len(r.completion.token_ids)
                             for r in s.rows], PROMPT, width)                                              # [B, T]
         attention = pad_right([[1] * (len(r.prompt.ids) + len(r.prefix) + len(r.completion.token_ids)) for r in s.rows],
                               0, width)                                                                   # [B, T]
         loss_mask = ((source != PROMPT) & attention.bool()).long() * torch.tensor(live, dtype=torch.long)[:, None]
         sampler = torch.zeros(len(s.rows), width - 1)                                                      # [B, L]
         for i, r in enumerate(s.rows):
-            start = len(r.prompt.ids) - 1                                    # position predicting the first response token
+            start = len(r.prompt.ids) - 1                                 # position predicting the first response token
             sampler[i, start : start + len(r.prefix)] = math.nan
             sampler[i, start + len(r.prefix) : start + len(r.prefix) + len(r.completion.token_ids)] = torch.tensor(
                 r.completion.logprobs, dtype=torch.float32)
@@ -413,7 +418,7 @@ class RolloutBuilder:
         """A = 0 on the floor(rho N) lowest-entropy prefix tokens of the whole rollout batch (all processes; ties in
         global row order), so the choice is the same for any micro-batching and number of processes. The authors'
         code picks them per micro-batch from the current forward; with one update per batch the entropies are the
-        same, only the population of the quantile differs (docs/hybrids.md)."""
+        same, only the population of the quantile differs (docs/provenance.md)."""
         rho = schedule_value(self.plan.prefixes.entropy_mask, self.step)
         on = (exp.source[:, 1:] == PREFIX) & (exp.target_mask > 0)                       # [B, L] prefix loss tokens
         local = entropies[on]                                                            # [n_p] row-major order
@@ -494,8 +499,10 @@ class RolloutBuilder:
             out["reward/demo_mean"] = sum(log.demo_rewards) / len(log.demo_rewards)
         n = max(len(log.lengths), 1)
         out |= {"frac_reward_zero_std": log.zero_std_groups / max(log.groups, 1),
-                "completion/mean_length": sum(log.lengths) / n, "completion/min_length": float(min(log.lengths, default=0)),
-                "completion/max_length": float(max(log.lengths, default=0)), "completion/clipped_ratio": log.clipped / n}
+                "completion/mean_length": sum(log.lengths) / n,
+                "completion/min_length": float(min(log.lengths, default=0)),
+                "completion/max_length": float(max(log.lengths, default=0)),
+                "completion/clipped_ratio": log.clipped / n}
         times = self.reduce(torch.tensor([log.time.get(k, 0.0) for k in ("generate", "reward", "logprobs")]), "max")
         out |= {f"time/{k}": float(v) for k, v in zip(("generate", "reward", "logprobs"), times)}
         return out | log.extra | {"epoch": self.cursor / len(self.prompts)}
@@ -531,7 +538,8 @@ def check_demonstrations(prompts: list[Prompt], plan: RolloutPlan, cfg: RolloutC
     budget; the error names the stage's data and the column."""
     for i, p in enumerate(prompts):
         if p.demo is None or not p.demo_ids:
-            raise ConfigError(f"{source}: {where}.columns.completion: the objective puts demonstrations into its rollouts "
+            raise ConfigError(f"{source}: {where}.columns.completion: the objective puts demonstrations into its "
+                              "rollouts "
                               f"but prompt {i} has none; map the role 'completion' (now {column!r}) to a column "
                               "holding the demonstrations")
         if plan.demos_in_group and len(p.demo_ids) > cfg.sampling.max_new_tokens:

@@ -18,5 +18,5 @@ class TaskEntry:
 
 TASKS: Registry[TaskEntry] = Registry("task")
 TASKS.register("arithmetic", TaskEntry(
-    arithmetic.ArithmeticConfig, arithmetic.generate, {"prompt": "question", "completion": "solution", "answer": "answer"},
-    arithmetic.corpus))
+    arithmetic.ArithmeticConfig, arithmetic.generate,
+    {"prompt": "question", "completion": "solution", "answer": "answer"}, arithmetic.corpus))

@@ -35,7 +35,8 @@ class ArithmeticConfig:
     def check(self) -> None:
         require(1 <= self.digits <= 9, "digits", f"must be in 1..9, got {self.digits}")
         require(1 <= self.num_ops <= 8, "num_ops", f"must be in 1..8, got {self.num_ops}")
-        require(bool(self.ops) and set(self.ops) <= set(OPERATORS), "ops", f"must be a non-empty subset of '+-*', got {self.ops!r}")
+        require(bool(self.ops) and set(self.ops) <= set(OPERATORS), "ops",
+                f"must be a non-empty subset of '+-*', got {self.ops!r}")
         require(self.num_examples >= 1, "num_examples", f"must be >= 1, got {self.num_examples}")
         require(0.0 < self.test_fraction < 1.0, "test_fraction", f"must be in (0, 1), got {self.test_fraction}")
 

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import ENGINE, QUESTIONS, TINY, load_policy
 
 # vLLM in the test process: 2-6 s start instead of 15-30 s, and the model is reachable without RPC serialisation.

@@ -11,9 +11,9 @@ import torch
 
 
 def main() -> None:
+    from helpers import ENGINE, load_policy, teacher_forced
     from transformers import AutoTokenizer
 
-    from helpers import ENGINE, load_policy, teacher_forced
     from posttrain.rollout import ENGINES, SamplingConfig
 
     path, prompts = sys.argv[1], json.loads(sys.argv[2])

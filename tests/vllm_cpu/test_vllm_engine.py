@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
-
 from helpers import ENGINE, load_policy, teacher_forced, train_steps
+
 from posttrain.rollout import ENGINES, SamplingConfig
 
 pytest.importorskip("vllm")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import load_policy, teacher_forced, train_steps
+
 from posttrain.rollout import ENGINES, SamplingConfig
 
 pytest.importorskip("vllm")

@@ -12,10 +12,10 @@ import torch
 
 def main() -> None:
     import deepspeed
+    from helpers import ENGINE, teacher_forced
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from helpers import ENGINE, teacher_forced
     from posttrain.rollout import ENGINES, SamplingConfig
 
     path, prompts = sys.argv[1], json.loads(sys.argv[2])
