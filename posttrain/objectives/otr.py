@@ -18,7 +18,8 @@ Confirmed (arXiv abstract/HTML page 2509.26313v1 and reviews of it, via search):
 trajectory; several candidates are sampled per position from the current policy; the gold token provides the reward;
 a second term penalises probability on sampled incorrect tokens. UNVERIFIED (no official code was found, and the
 stored paper text was not reachable past its abstract): the paper's equation number, K (256 reported in the
-summaries, docs/provenance.md), tau (described there as > 1), beta (< 1, possibly slightly negative) and the learning rate.
+summaries, docs/provenance.md), tau (described there as > 1), beta (< 1, possibly slightly negative) and the
+learning rate.
 The defaults below follow those descriptions and must be checked against the paper before claiming a reproduction.
 Searched again (2026-11-22: the stored pages and code corpora, arXiv HTML v1, paper-summary sites, a search for
 an official repository): none reached the paper's experimental section, so K, tau and beta remain unverified.
