@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from posttrain.data import Example, load_rows, to_examples
+from posttrain.data import DataConfig, Example, load_rows, to_examples
 from posttrain.rollout.base import SamplingConfig, encode_prompts
 from posttrain.rollout.hf import HFEngine, HFEngineConfig
 
@@ -29,17 +29,18 @@ def greedy_verdicts(model, tokenizer, cfg: EvalConfig, examples: list[Example],
     import rewards
 
     completions = greedy_completions(model, tokenizer, [ex.prompt for ex in examples], cfg.max_new_tokens,
-                                     cfg.batch_size, accelerator)
+                                     cfg.batch_size, accelerator, cfg.data)
     return completions, score(rewards.get(cfg.reward), examples, completions, cfg.threshold) if examples else []
 
 
 def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                       accelerator=None) -> list[str]:
+                       accelerator=None, data: DataConfig | None = None) -> list[str]:
     """Greedy completion texts, decoded by the `hf` rollout engine (left padding, KV cache, the template's end of turn
     as EOS). `model` may be wrapped (DDP, DeepSpeed); under ZeRO-3 the engine gathers the sharded weights, a
-    collective, so every process must call this, with any number of prompts (zero included)."""
+    collective, so every process must call this, with any number of prompts (zero included). Prompts are rendered
+    as `data` says (chat template kwargs or a prompt template; rollout/base.py encode_prompts)."""
     engine = HFEngine(model, tokenizer, HFEngineConfig(batch_size=batch_size), accelerator=accelerator)
-    outs = engine.generate(encode_prompts(tokenizer, prompts),
+    outs = engine.generate(encode_prompts(tokenizer, prompts, data),
                            SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
     return [o[0].text for o in outs]
 

@@ -37,7 +37,8 @@ from posttrain.data import EpochSampler, Tokenized, collate_demos, load_rows, to
 from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
 from posttrain.metrics import MetricsLog, Progress
-from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
+from posttrain.models import (AdapterDisabledReference, frozen_copy, load_model, load_tokenizer,
+                              resolve_model_path, save_merged)
 from posttrain.objectives import Normalizer, aggregate, build_objective
 from posttrain.policy import forward
 from posttrain.rewarding import load_rewards
@@ -115,7 +116,7 @@ class Trainer:
         set_seed(recipe.seed)
         with acc.main_process_first():
             path = resolve_model_path(recipe.model, self.run_dir.parent / ".posttrain-cache")
-        self.tokenizer = load_tokenizer(path, recipe.model)
+        self.tokenizer = load_tokenizer(path, recipe.model, data_sections(recipe))
         self.model = load_model(path, recipe.model)
         self.model.train()
         self.log = MetricsLog(acc, self.run_dir)
@@ -238,7 +239,7 @@ class Trainer:
         check_world(stage.rollout, acc.num_processes, f"{where}.rollout", self.recipe.source)
         rows, columns = load_rows(stage.data, f"{where}.data")
         examples = to_examples(rows, columns, stage.data, f"{where}.data")
-        prompts, dropped = rollout_prompts(examples, rows, columns, self.tokenizer, stage.data.max_length)
+        prompts, dropped = rollout_prompts(examples, rows, columns, self.tokenizer, stage.data.max_length, stage.data)
         if not prompts:
             raise ConfigError(f"{self.recipe.source}: {where}.data: every prompt of {stage.data.source!r} is longer "
                               f"than max_length={stage.data.max_length} tokens")
@@ -256,6 +257,8 @@ class Trainer:
         model, so it is saved once under RUN_DIR/references/stage<i> and read back when a run resumes in the stage
         (from the checkpoint's run directory; copied into this run's if they differ)."""
         acc, index = self.accelerator, self.state.stage
+        if self.recipe.model.lora is not None:               # the base model: the adapters disabled, no copy
+            return AdapterDisabledReference(backbone)
         path = self.run_dir / "references" / f"stage{index}"
         if index > 0 and self.resume_from is not None:
             saved = Path(self.resume_from).resolve().parent.parent / "references" / f"stage{index}"
@@ -354,10 +357,10 @@ class Trainer:
         """sum_k w_k * aggregate_k(loss_k) on one micro-batch, plus detached per-objective parts."""
         if run.ref is not None and run.rollout is None:   # rollouts carry ref_logprobs from collection
             with torch.no_grad():
-                ref_out = forward(run.ref, mb, logprobs="reference" in run.needs)
+                ref_out = forward(run.ref, mb, logprobs="reference" in run.needs, logits="ref_logits" in run.needs)
             mb.ref_logprobs = ref_out.logprobs
-            mb.ref_logits = ref_out.logits if "ref_logits" in run.needs else None
-        out = forward(self.model, mb, run.temperature)
+            mb.ref_logits = ref_out.logits
+        out = forward(self.model, mb, run.temperature, logits="logits" in run.needs, entropy="entropy" in run.needs)
         mask = mb.target_mask                                            # [B, L]
         share = mask.sum() / max(norm.tokens, 1.0)                       # this micro-batch's share of the tokens
         total, parts = 0.0, {}
@@ -452,8 +455,10 @@ class Trainer:
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)
+            acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)   # with LoRA: the adapter
             self.tokenizer.save_pretrained(out)
+        if self.recipe.model.lora is not None and self.recipe.model.lora.merge:
+            save_merged(acc.unwrap_model(self.model), out / "merged", self.tokenizer, acc.is_main_process)
         acc.wait_for_everyone()
         return out
 
@@ -504,6 +509,14 @@ def reward_summary(stage: str, rewards: list[float], accuracy: float | None) -> 
     line = (f"stage {stage}: reward/mean {sum(rewards[:k]) / k:.3f} (first {k} steps) -> "
             f"{sum(rewards[-k:]) / k:.3f} (last {k} steps) over {len(rewards)} steps")
     return line + (f"; eval/accuracy {accuracy:.3f}" if accuracy is not None else "")
+
+
+def data_sections(recipe: Recipe) -> dict:
+    """Key path -> DataConfig of every data section whose prompts the tokenizer renders (training and eval)."""
+    out = {}
+    for i, st in enumerate(recipe.stages):
+        out[f"stages.{i}.data"], out[f"stages.{i}.eval.data"] = st.data, st.eval.data
+    return out
 
 
 def train(recipe: Recipe, resume: str | None = None) -> dict:

@@ -272,7 +272,8 @@ def test_kv_cache_one_token_per_step_and_model_state_restored(tiny):
 
     def record(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        seen.append((ids.shape, kwargs.get("past_key_values") is not None, module.training, torch.is_grad_enabled()))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))              # transformers 5.24: `cache`
+        seen.append((ids.shape, cache is not None, module.training, torch.is_grad_enabled()))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:

@@ -48,7 +48,7 @@ class ASFTConfig(ObjectiveConfig):
 
 @register_objective("asft", ASFTConfig)
 class ASFT:
-    needs = frozenset({"demos", "ref_logits"})
+    needs = frozenset({"demos", "ref_logits", "logits"})   # logits: the full [B, L, V]
 
     def __init__(self, config: ASFTConfig):
         self.config = config

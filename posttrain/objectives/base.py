@@ -26,7 +26,9 @@ class ObjectiveConfig:
 
 
 class Objective(Protocol):
-    needs: frozenset[str]   # what the trainer must provide: "demos", "rollouts", "reference", "ref_logits", ...
+    needs: frozenset[str]   # what the trainer must provide: "demos", "rollouts", "reference", "ref_logits", "values";
+                            # what the policy pass computes besides log-probs: "logits" (the full [B, L, V]; else
+                            # PolicyOutput.logits is None), "entropy" (PolicyOutput.entropy)
     config: ObjectiveConfig
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, float]]:

@@ -60,7 +60,8 @@ class GRPOConfig(ObjectiveConfig):
     dynamic_sampling: bool = field_doc(
         False, "drop groups whose rewards are all equal and sample more (DAPO; done by the experience builder)")
     max_sampling_rounds: int = field_doc(8, "dynamic sampling: at most this many generation rounds per batch")
-    entropy_metric: bool = field_doc(True, "log the policy entropy of the loss tokens (a no-grad pass over the logits)")
+    entropy_metric: bool = field_doc(True, "log the policy entropy of the loss tokens (no gradient; computed block by "
+                                           "block with the log-probs: PolicyOutput.entropy)")
 
     def check(self) -> None:
         check_policy_gradient(self)
@@ -110,7 +111,8 @@ DAPOConfig = preset(GRPOConfig, "DAPOConfig", "DAPO: clip-higher, token-level lo
 class GRPO:
     def __init__(self, config: GRPOConfig):
         self.config = config
-        self.needs = frozenset({"rollouts"} | ({"reference"} if config.beta > 0 else set()))
+        self.needs = frozenset({"rollouts"} | ({"reference"} if config.beta > 0 else set())
+                               | ({"entropy"} if config.entropy_metric else set()))
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, Tensor]]:
         c, mask = self.config, exp.target_mask                                       # mask [B, L]
@@ -131,7 +133,7 @@ class GRPO:
             kl = kl_estimate(logp, exp.ref_logprobs, c.kl_estimator)                 # [B, L] k(z)
             loss = loss + c.beta * kl if kl_in_loss else loss                        # + beta k(z)
             metrics["kl"] = token_mean(kl, mask)
-        metrics |= policy_metrics(pg, ratio, out.logits if c.entropy_metric else None, mask)
+        metrics |= policy_metrics(pg, ratio, out.entropy, mask)
         return loss, metrics
 
 

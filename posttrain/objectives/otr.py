@@ -54,7 +54,7 @@ class OTRConfig(ObjectiveConfig):
 
 @register_objective("otr", OTRConfig)
 class OTR:
-    needs = frozenset({"demos"})
+    needs = frozenset({"demos", "logits"})   # logits: samples and scores K tokens from the full [B, L, V]
 
     def __init__(self, config: OTRConfig):
         self.config = config

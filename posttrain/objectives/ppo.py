@@ -72,7 +72,8 @@ class PPOConfig(ObjectiveConfig):
 class PPO:
     def __init__(self, config: PPOConfig):
         self.config = config
-        self.needs = frozenset({"rollouts", "values"} | ({"reference"} if config.beta > 0 else set()))
+        self.needs = frozenset({"rollouts", "values"} | ({"reference"} if config.beta > 0 else set())
+                               | ({"entropy"} if config.entropy_metric else set()))
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor, dict[str, Tensor]]:
         c, mask = self.config, exp.target_mask                                       # mask [B, L]
@@ -92,7 +93,7 @@ class PPO:
         v_clipped = v_old + (v - v_old).clamp(-c.value_clip, c.value_clip)           # clip(V, V_old -+ eps_v)
         value = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)              # [B, L] clipped value loss
         loss = policy + c.vf_coef * value                                            # [B, L]
-        metrics |= policy_metrics(pg, ratio, out.logits if c.entropy_metric else None, mask)
+        metrics |= policy_metrics(pg, ratio, out.entropy, mask)
         metrics |= {"vf_loss": token_mean(value, mask), "value/mean": token_mean(v, mask),
                     "vf_clip_frac": token_mean((v - ret) ** 2 < (v_clipped - ret) ** 2, mask)}
         if exp.ref_logprobs is not None:

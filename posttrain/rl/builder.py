@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import ConfigError
-from posttrain.data import EpochSampler, Example
+from posttrain.data import DataConfig, EpochSampler, Example
 from posttrain.experience import POLICY, PROMPT, Experience, pad_right
 from posttrain.policy import forward
 from posttrain.rewarding import Reward, RewardBatch, reward_metrics, score_batch
@@ -77,9 +77,10 @@ class Prompt:
 
 
 def rollout_prompts(examples: list[Example], rows: list[dict], columns: dict[str, str], tokenizer,
-                    max_length: int) -> tuple[list[Prompt], int]:
-    """The prompts of a data set, and how many were dropped for being longer than `max_length` tokens."""
-    ids = encode_prompts(tokenizer, [ex.prompt for ex in examples])
+                    max_length: int, data: DataConfig | None = None) -> tuple[list[Prompt], int]:
+    """The prompts of a data set (rendered as `data` says), and how many were dropped for being longer than
+    `max_length` tokens."""
+    ids = encode_prompts(tokenizer, [ex.prompt for ex in examples], data)
     role = next((columns[r] for r in ("messages", "prompt") if r in columns),
                 next((r for r in ("messages", "prompt") if r in rows[0]), None))
     out = []

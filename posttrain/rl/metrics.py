@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posttrain.rl.kl import token_entropy
 from posttrain.rl.surrogate import Surrogate
 
 
@@ -21,11 +20,12 @@ def masked_stats(name: str, x: Tensor, mask: Tensor) -> dict[str, Tensor]:
             f"{name}/max": torch.where(on, x, -torch.inf).amax()}
 
 
-def policy_metrics(pg: Surrogate, ratio: Tensor, logits: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
-    """Clip fractions (low / high / dual), mean ratio and surrogate loss, and the policy entropy if logits are given."""
+def policy_metrics(pg: Surrogate, ratio: Tensor, entropy: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
+    """Clip fractions (low / high / dual), mean ratio and surrogate loss, and the mean policy entropy if given ([B, L],
+    PolicyOutput.entropy)."""
     m = {"clip_ratio/low": token_mean(pg.clipped_low, mask), "clip_ratio/high": token_mean(pg.clipped_high, mask),
          "clip_ratio/dual": token_mean(pg.clipped_dual, mask), "ratio/mean": token_mean(ratio, mask),
          "pg_loss": token_mean(pg.loss, mask)}
-    if logits is not None:
-        m["entropy"] = token_mean(token_entropy(logits), mask)
+    if entropy is not None:
+        m["entropy"] = token_mean(entropy, mask)
     return m
