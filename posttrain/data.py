@@ -196,7 +196,7 @@ def render_prompt(tokenizer, prompt: list[dict], cfg: DataConfig | None = None) 
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs)
 
 
-def tokenize_text(tokenizer, text: str, cfg: DataConfig | None = None, offsets: bool = False):
+def tokenize_text(tokenizer, text: str | list[str], cfg: DataConfig | None = None, offsets: bool = False):
     """Token ids of rendered text: a chat template writes its own special tokens (none added); a prompt template is
     plain text, tokenized as the tokenizer does by default (a BOS where it adds one)."""
     plain = cfg is not None and cfg.prompt_template is not None
@@ -205,16 +205,23 @@ def tokenize_text(tokenizer, text: str, cfg: DataConfig | None = None, offsets: 
 
 def tokenize_demos(examples: list[Example], tokenizer, cfg: DataConfig, where: str = "data") -> tuple[list[Tokenized], TokenStats]:
     """Demonstration token ids and loss masks (see the module docstring); over-long ones truncated or dropped."""
-    stats, out = TokenStats(), []
+    stats, out, rendered = TokenStats(), [], []
     for i, ex in enumerate(examples):
         if ex.completion is None:
             raise ConfigError(f"{where}: row {i} of {cfg.source!r} has no completion; a demonstration objective needs "
                              "the role 'completion' (or a final assistant message) mapped to a column")
         try:
-            text, starts = render_demo(tokenizer, ex, cfg)
-            ids, mask, prompt_len = _mask_turns(tokenizer, text, starts, cfg)
+            rendered.append(render_demo(tokenizer, ex, cfg))
         except ValueError as e:
             raise ConfigError(f"{where}: row {i} of {cfg.source!r}: {e}") from None
+    enc = tokenize_text(tokenizer, [text for text, _ in rendered], cfg, offsets=True)   # one batched call
+    special = set(tokenizer.all_special_ids)
+    for i, (ex, (_, turns), ids, spans) in enumerate(zip(examples, rendered, enc["input_ids"], enc["offset_mapping"])):
+        try:
+            mask, prompt_len = _mask_turns(ids, spans, turns, special)
+        except ValueError as e:
+            raise ConfigError(f"{where}: row {i} of {cfg.source!r}: {e}; the template's end-of-turn token must be a "
+                              f"special token, such as {tokenizer.eos_token!r}") from None
         if len(ids) > cfg.max_length:
             if cfg.overlong == "drop" or prompt_len >= cfg.max_length:
                 stats.dropped_overlong += 1
@@ -235,6 +242,7 @@ def render_demo(tokenizer, ex: Example, cfg: DataConfig) -> tuple[str, list[tupl
         return prompt + ex.completion + (tokenizer.eos_token or ""), [(len(prompt), len(prompt))]
     conv, kwargs = ex.conversation(), cfg.chat_template_kwargs
     text = tokenizer.apply_chat_template(conv, tokenize=False, **kwargs)
+    thinks = "enable_thinking" in tokenizer.chat_template and kwargs.get("enable_thinking", True) is not False
     turns = [k for k, m in enumerate(conv) if m.get("role") == "assistant"]
     starts = []
     for k in turns if cfg.assistant_turns == "all" else turns[-1:]:
@@ -243,28 +251,25 @@ def render_demo(tokenizer, ex: Example, cfg: DataConfig) -> tuple[str, list[tupl
             raise ValueError(f"the chat template renders the conversation before assistant turn {k} differently "
                              "from that turn's prompt; cannot tell where the turn starts")
         quiet = tokenizer.apply_chat_template(conv[:k], add_generation_prompt=True, tokenize=False,
-                                              **{**kwargs, "enable_thinking": False})
+                                              **{**kwargs, "enable_thinking": False}) if thinks else head
         empty_block = len(quiet) > len(head) and quiet.startswith(head) and text.startswith(quiet)
         starts.append((len(head), len(quiet) if empty_block else len(head)))   # Qwen3's empty <think>: scaffolding
     return text, starts
 
 
-def _mask_turns(tokenizer, text: str, turns: list[tuple[int, int]], cfg: DataConfig) -> tuple[list[int], list[int], int]:
-    """Token ids of `text`, the loss mask (each turn from its trained start to its end-of-turn token included) and the
-    length of the last turn's prompt in tokens."""
-    enc = tokenize_text(tokenizer, text, cfg, offsets=True)
-    ids, spans = enc["input_ids"], enc["offset_mapping"]
-    special = set(tokenizer.all_special_ids)
+def _mask_turns(ids: list[int], spans: list[tuple[int, int]], turns: list[tuple[int, int]],
+                special: set[int]) -> tuple[list[int], int]:
+    """The loss mask of tokens `ids` (character spans `spans`): each turn from its trained start to its end-of-turn
+    token (the first special token) included; and the length of the last turn's prompt in tokens."""
     mask, prompt_len = [0] * len(ids), len(ids)
     for prompt_end, start in turns:
         prompt_len = next((j for j, (_, end) in enumerate(spans) if end > prompt_end), len(ids))
         first = next((j for j, (_, end) in enumerate(spans) if end > start), len(ids))
         stop = next((j for j in range(first, len(ids)) if ids[j] in special), None)
         if stop is None:
-            raise ValueError(f"no end-of-turn token (a special token such as {tokenizer.eos_token!r}) after the "
-                             f"assistant's text at character {start}")
+            raise ValueError(f"no end-of-turn token after the assistant's text at character {start}")
         mask[first : stop + 1] = [1] * (stop + 1 - first)
-    return ids, mask, prompt_len
+    return mask, prompt_len
 
 
 def collate_demos(items: list[Tokenized], pad_id: int) -> Experience:

@@ -106,7 +106,7 @@ def load_model(path: str, cfg: ModelConfig) -> torch.nn.Module:
         kwargs["attn_implementation"] = cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()  # v5 / v4
         model.config.use_cache = False
     if cfg.lora is None:
         return model

@@ -180,3 +180,50 @@ def test_lora_grpo_two_processes_match_one(mode, qwen3_model_dir, tmp_path, toy)
         assert a["reward/mean"] == b["reward/mean"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and a["grad_norm"] > 0
+
+
+# ----------------------------------------------------------------------------------------- the fused LM head
+def test_fused_head_equals_the_full_logits_path(qwen3_model_dir):
+    """At the real vocabulary (small width): the fused head's log-probs, entropy and every parameter's gradient equal
+    the full-logits path's (the model's own head, then log_softmax)."""
+    from posttrain.experience import Experience
+    from posttrain.policy import forward
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_model_dir, dtype=torch.float32)
+    ids = torch.cat([IDS, IDS.flip(1)])
+    exp = Experience(input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=torch.ones_like(ids), source=ids)
+    weight = torch.randn(exp.targets.shape, generator=torch.Generator().manual_seed(0))
+    outs, grads = [], []
+    for logits in (False, True):
+        model.zero_grad()
+        out = forward(model, exp, temperature=0.7, logits=logits, entropy=True)
+        (out.logprobs * weight).sum().backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    fused, full = outs
+    assert fused.logits is None and full.logits.shape == (2, IDS.shape[1] - 1, 151_936)
+    torch.testing.assert_close(fused.logprobs, full.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.entropy, full.entropy, atol=1e-5, rtol=1e-5)
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------- the GSM8K recipes
+@pytest.mark.parametrize("name", ["sft", "grpo"])
+def test_gsm8k_recipe_runs_on_the_qwen_fixture(name, qwen2_model_dir, gsm8k_dir, tmp_path):
+    """recipes/gsm8k as written, with only the model path, the data files (no hub here) and sizes overridden."""
+    from posttrain.config import load_recipe
+
+    from conftest import REPO, tiny_recipe_overrides
+
+    overrides = tiny_recipe_overrides(qwen2_model_dir, tmp_path) + [
+        f"data.source={gsm8k_dir / 'train.jsonl'}", f"eval.data.source={gsm8k_dir / 'test.jsonl'}", "data.limit=16",
+        "stages.0.train.steps=2", "stages.0.train.epochs=null", "eval.num_samples=2", "eval.max_new_tokens=8",
+        "train.log_every=1"]
+    overrides += (["train.batch_size=4", "train.micro_batch_size=2"] if name == "sft" else
+                  ["rollout.prompts_per_step=2", "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=8",
+                   "train.micro_batch_size=4"])
+    train(load_recipe(REPO / f"recipes/gsm8k/qwen2.5-0.5b-{name}.yaml", overrides))
+    got = rows(tmp_path)
+    assert [r["step"] for r in got] == [1, 2] and all(math.isfinite(r["loss"]) for r in got)
+    assert got[-1]["eval/num_samples"] == 2
