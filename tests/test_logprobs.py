@@ -180,3 +180,49 @@ def test_peak_memory_forward_backward_vocab_32k_seq_512():
         else:   # the measurement can see the difference: the naive version breaks the same bound
             assert r["peak"] > bound, (case, report)
     assert results[("ours", "bfloat16", 0)]["peak"] < 0.6 * results[("naive", "bfloat16", 0)]["peak"], report
+
+
+HEAD_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    mode = sys.argv[1]
+    from posttrain.ops.logprobs import head_logprobs
+    B, L, H, V = 2, 256, 64, 151936
+    def naive(h, w, i):
+        logp = torch.log_softmax((h @ w.T).float() / 0.7, -1)
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, i[..., None]).squeeze(-1), ent
+    fn = naive if mode == "naive" else lambda h, w, i: head_logprobs(h, w, None, i, 0.7, entropy=True)
+    def inputs(b, l, v):
+        torch.manual_seed(0)
+        return torch.randn(b, l, H, requires_grad=True), torch.randn(v, H, requires_grad=True), torch.randint(0, v, (b, l))
+    small = inputs(1, 4, 32)
+    fn(*small)[0].sum().backward()
+    h, w, i = inputs(B, L, V)
+    peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    before = peak()
+    lp, ent = fn(h, w, i)
+    lp.sum().backward()
+    print(json.dumps({"peak": peak() - before, "weight_grad": w.numel() * 4, "logits": B * L * V * 4}))
+""")
+
+
+def test_peak_memory_of_the_fused_head_at_qwen_vocabulary():
+    """Log-probs at T = 0.7 + entropy + backward from the LM head's input, V = 151,936, B x L = 2 x 256: the added
+    peak is the weight's gradient [V, H] plus float32 work blocks (a few CHUNK_BYTES), not a [B, L, V] tensor (297 MiB
+    here); the naive head + log_softmax + gather exceeds that bound (the instrument sees the difference).
+    benchmarks/vocab_memory.py measures the same at Qwen2.5-0.5B's head and B x L = 8 x 1024."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = {}
+    for mode in ("fused", "naive"):
+        out = subprocess.run([sys.executable, "-c", HEAD_PROBE, mode], capture_output=True, text=True, env=env,
+                             cwd=root, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    fused, naive = results["fused"], results["naive"]
+    bound = fused["weight_grad"] + 3 * CHUNK_BYTES + 16 * 2**20
+    assert bound < fused["logits"] + fused["weight_grad"]                  # the bound leaves no room for [B, L, V]
+    assert fused["peak"] <= bound, results
+    assert naive["peak"] > bound, results

@@ -56,10 +56,10 @@ def _as3d(x: Tensor) -> Tensor:
     return x
 
 
-def _entropy(z: Tensor, lse: Tensor) -> Tensor:
+def _entropy(z: Tensor, lse: Tensor, overwrite: bool = False) -> Tensor:
     """H = -sum_v pi_v log pi_v, log pi = z - logsumexp(z), of float32 logit rows z [c, V] with their logsumexp
-    lse [c] -> [c] (a sum of non-negative terms: no cancellation when H is near 0)."""
-    log_p = z - lse[:, None]                                                                 # [c, V]
+    lse [c] -> [c] (a sum of non-negative terms: no cancellation when H is near 0). `overwrite`: z is scratch."""
+    log_p = z.sub_(lse[:, None]) if overwrite else z - lse[:, None]                         # [c, V]
     return -torch.linalg.vecdot(log_p.exp(), log_p)
 
 
@@ -91,7 +91,7 @@ class _HeadLogProbs(torch.autograd.Function):
             lse[r : r + rows] = torch.logsumexp(z, -1)
             out[r : r + rows] = z.gather(-1, index[r : r + rows, None]).squeeze(-1) - lse[r : r + rows]
             if with_entropy:
-                ent[r : r + rows] = _entropy(z, lse[r : r + rows])
+                ent[r : r + rows] = _entropy(z, lse[r : r + rows], overwrite=True)              # z is done with
         ctx.save_for_backward(hidden, weight, bias, index, lse)
         ctx.temperature, ctx.rows = temperature, rows
         ctx.autocast = _autocast_state(hidden.device.type)
