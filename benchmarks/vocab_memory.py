@@ -3,6 +3,7 @@ naive `log_softmax(h W^T).gather` path.
 
     .venv/bin/python benchmarks/vocab_memory.py                       # B x L = 8 x 1024, H = 896, V = 151,936, fp32
     .venv/bin/python benchmarks/vocab_memory.py --tokens 8x256 --dtype bfloat16
+    .venv/bin/python benchmarks/vocab_memory.py --cases grpo --no-naive
 
 Each case runs in a fresh Python process (glibc told to return freed blocks above 64 KiB to the OS at once, as
 tests/test_logprobs.py does) and reports the growth of its resident-memory high-water mark (VmHWM) over forward +
@@ -15,7 +16,8 @@ both sides pay the weight's gradient [V, H] (545 MB in float32), which any imple
 
 naive = what a training loop writes without care: z = h W^T (model dtype), log_softmax(z.float() / T), gather; the
 entropy as -(exp(log p) * log p).sum(-1) under no_grad. A naive case is run only when MemAvailable covers its
-estimated need (three float32 [B, L, V] tensors); otherwise it is reported as skipped.
+estimated need (three float32 [B, L, V] tensors); otherwise it is reported as skipped, and as killed when the
+kernel's out-of-memory killer stops it (then its peak exceeded the memory available at its start).
 """
 from __future__ import annotations
 
@@ -73,11 +75,16 @@ def mem_available() -> int:
     return 0
 
 
-def probe(impl: str, case: str, b: int, l: int, h: int, v: int, dtype: str) -> dict:
+def probe(impl: str, case: str, b: int, l: int, h: int, v: int, dtype: str) -> dict | None:
+    """The case's measurement, or None when the process was killed (the kernel's out-of-memory killer)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", PROBE, impl, case, str(b), str(l), str(h), str(v), dtype],
-                         capture_output=True, text=True, env=env, cwd=root, check=True)
+                         capture_output=True, text=True, env=env, cwd=root)
+    if out.returncode == -9:
+        return None
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -87,6 +94,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cases", nargs="*", default=["sft", "grpo"], choices=["sft", "grpo"])
+    p.add_argument("--no-naive", action="store_true", help="measure posttrain's path only")
     args = p.parse_args()
     b, l = map(int, args.tokens.lower().split("x"))
     mib, gib = 2**20, 2**30
@@ -94,17 +103,24 @@ def main() -> None:
     print(f"uptime: {os.popen('uptime').read().strip()}")
     print(f"B x L = {b} x {l}, H = {args.hidden}, V = {args.vocab}, {args.dtype}; one float32 [B, L, V] = "
           f"{logits / gib:.2f} GiB")
-    for case in ("sft", "grpo"):
+    for case in args.cases:
         ours = probe("posttrain", case, b, l, args.hidden, args.vocab, args.dtype)
-        line = f"{case:5s} posttrain {ours['peak'] / mib:9.0f} MiB (weight grad {ours['weight_grad'] / mib:.0f} MiB)"
-        need = 3 * logits                          # measured at 8 x 128: 1.3 (sft) and 2.3 (grpo) of them
-        if mem_available() > need + 2 * gib:
-            naive = probe("naive", case, b, l, args.hidden, args.vocab, args.dtype)
-            line += f" | naive {naive['peak'] / mib:9.0f} MiB | posttrain / naive = {ours['peak'] / naive['peak']:.3f}"
-            if ours["entropy"] is not None:
-                line += f" | entropy {ours['entropy']:.4f} vs {naive['entropy']:.4f}"
-        else:
-            line += f" | naive skipped: needs ~{need / gib:.1f} GiB, {mem_available() / gib:.1f} GiB available"
+        print(f"{case:5s} posttrain {ours['peak'] / mib:9.0f} MiB (weight grad {ours['weight_grad'] / mib:.0f} MiB)",
+              flush=True)
+        need, available = 3 * logits, mem_available()
+        if args.no_naive:
+            continue
+        if available < need + 2 * gib:
+            print(f"      naive skipped: needs ~{need / gib:.1f} GiB, {available / gib:.1f} GiB available", flush=True)
+            continue
+        naive = probe("naive", case, b, l, args.hidden, args.vocab, args.dtype)
+        if naive is None:
+            print(f"      naive killed (out of memory) with {available / gib:.1f} GiB available at its start: "
+                  f"posttrain / naive < {ours['peak'] / available:.3f}", flush=True)
+            continue
+        line = f"      naive {naive['peak'] / mib:9.0f} MiB | posttrain / naive = {ours['peak'] / naive['peak']:.3f}"
+        if ours["entropy"] is not None:
+            line += f" | mean entropy {ours['entropy']:.5f} vs {naive['entropy']:.5f}"
         print(line, flush=True)
 
 

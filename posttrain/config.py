@@ -165,6 +165,13 @@ class Recipe:
     logging: LoggingConfig
     source: str = "recipe"
 
+    def data_sections(self) -> dict[str, DataConfig | None]:
+        """Key path -> DataConfig of every data section whose prompts the tokenizer renders (training and eval)."""
+        out = {}
+        for i, st in enumerate(self.stages):
+            out[f"stages.{i}.data"], out[f"stages.{i}.eval.data"] = st.data, st.eval.data
+        return out
+
 
 _SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "data": DataConfig,
                   "eval": EvalConfig, "rollout": RolloutConfig}

@@ -116,7 +116,7 @@ class Trainer:
         set_seed(recipe.seed)
         with acc.main_process_first():
             path = resolve_model_path(recipe.model, self.run_dir.parent / ".posttrain-cache")
-        self.tokenizer = load_tokenizer(path, recipe.model, data_sections(recipe))
+        self.tokenizer = load_tokenizer(path, recipe.model, recipe.data_sections())
         self.model = load_model(path, recipe.model)
         self.model.train()
         self.log = MetricsLog(acc, self.run_dir)
@@ -509,14 +509,6 @@ def reward_summary(stage: str, rewards: list[float], accuracy: float | None) -> 
     line = (f"stage {stage}: reward/mean {sum(rewards[:k]) / k:.3f} (first {k} steps) -> "
             f"{sum(rewards[-k:]) / k:.3f} (last {k} steps) over {len(rewards)} steps")
     return line + (f"; eval/accuracy {accuracy:.3f}" if accuracy is not None else "")
-
-
-def data_sections(recipe: Recipe) -> dict:
-    """Key path -> DataConfig of every data section whose prompts the tokenizer renders (training and eval)."""
-    out = {}
-    for i, st in enumerate(recipe.stages):
-        out[f"stages.{i}.data"], out[f"stages.{i}.eval.data"] = st.data, st.eval.data
-    return out
 
 
 def train(recipe: Recipe, resume: str | None = None) -> dict:

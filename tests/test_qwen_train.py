@@ -165,16 +165,23 @@ def test_lora_grpo_with_kl_to_the_base(qwen3_model_dir, tmp_path, toy):
     assert not (tmp_path / "references").exists() and (tmp_path / "final/adapter_config.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def lora_grpo_one_process(qwen3_model_dir, tmp_path_factory, toy) -> list[dict]:
+    out = tmp_path_factory.mktemp("lora-one")
+    raw = recipe(qwen3_model_dir, out / "run", "grpo", steps=2, lora=LORA, reward=toy)
+    return [r for r in launch(out, "one", raw) if "loss" in r]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "zero2"])
-def test_lora_grpo_two_processes_match_one(mode, qwen3_model_dir, tmp_path, toy):
+def test_lora_grpo_two_processes_match_one(mode, lora_grpo_one_process, qwen3_model_dir, tmp_path, toy):
     """LoRA GRPO with a KL term on 2 real CPU processes (DDP, DeepSpeed ZeRO-2 over gloo) = 1 process."""
     if mode != "ddp":
         pytest.importorskip("deepspeed")
-    raw = recipe(qwen3_model_dir, tmp_path / "one", "grpo", steps=2, lora=LORA, reward=toy)
-    single = [r for r in launch(tmp_path, "one", raw) if "loss" in r]
-    raw["output_dir"] = str(tmp_path / "two")
-    double = [r for r in launch(tmp_path, mode, raw, mode) if "loss" in r]
+    raw = recipe(qwen3_model_dir, tmp_path / "run", "grpo", steps=2, lora=LORA, reward=toy)
+    logged = launch(tmp_path, mode, raw, mode)
+    single, double = lora_grpo_one_process, [r for r in logged if "loss" in r]
+    assert logged[0]["world_size"] == 2                                       # two real processes
     assert [r["step"] for r in single] == [r["step"] for r in double] == [1, 2]
     for a, b in zip(single, double):
         assert a["reward/mean"] == b["reward/mean"]
