@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/lora_reference.py            # the 0.5B shape of benchmarks/qwen_shape.py, float32
 
-Each variant runs in a fresh process: load the policy with LoRA adapters (r 16, all-linear; the adapters' B set
-non-zero, as after training), build pi_ref, run one no-grad reference pass over 4 x 256 tokens, and report the
-growth of the resident-memory high-water mark (VmHWM) from after the policy is loaded:
+Each variant runs in a fresh process: load the policy with LoRA adapters (r 16, all-linear), page its weights in
+with one small forward, build pi_ref as a stage start does (adapters at B = 0), move the policy's adapters (B set
+non-zero, as training does), run one no-grad reference pass over 4 x 256 tokens, and report the growth of the
+resident-memory high-water mark (VmHWM) and of the resident set from before pi_ref was built:
     adapter-off   posttrain.models.AdapterDisabledReference: the policy's PeftModel under disable_adapter()
     frozen-copy   posttrain.models.frozen_copy of the PeftModel: a second set of weights
 Both give the base model's log-probs (checked against each other).
@@ -26,18 +27,19 @@ PROBE = textwrap.dedent("""
     from posttrain.policy import forward
     path = str(model_dir())
     policy = load_model(path, ModelConfig(path=path, lora=LoraSettings(r=16, alpha=32)))
-    with torch.no_grad():
-        for name, p in policy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.01)
-    peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-    rss = lambda: int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
     torch.manual_seed(0)
     ids = torch.randint(0, 151_000, (4, 257))
     exp = Experience(input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=torch.ones_like(ids), source=ids)
+    with torch.no_grad():                       # page in the memory-mapped weights, warm the code paths
+        forward(policy, exp.select(slice(0, 1)))
+    peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    rss = lambda: int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
     before, held = peak(), rss()
-    ref = AdapterDisabledReference(policy) if sys.argv[1] == "adapter-off" else frozen_copy(policy)
+    ref = AdapterDisabledReference(policy) if sys.argv[1] == "adapter-off" else frozen_copy(policy)   # stage start
     with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.01)             # the policy trains on: its adapters move away from B = 0
         out = forward(ref, exp)
     print(json.dumps({"peak": peak() - before, "held": rss() - held, "logprob_sum": float(out.logprobs.double().sum())}))
 """)
