@@ -218,7 +218,10 @@ def test_fused_head_equals_the_full_logits_path(qwen3_model_dir):
 # ---------------------------------------------------------------------------------------- the GSM8K recipes
 @pytest.mark.parametrize("name", ["sft", "grpo"])
 def test_gsm8k_recipe_runs_on_the_qwen_fixture(name, qwen2_model_dir, gsm8k_dir, tmp_path):
-    """recipes/gsm8k as written, with only the model path, the data files (no hub here) and sizes overridden."""
+    """recipes/gsm8k as written, with only the model path, the data files (no hub here) and sizes overridden. Their
+    bf16 precision needs a fresh accelerate state in this process (the singleton keeps the first run's)."""
+    from accelerate.state import AcceleratorState
+
     from posttrain.config import load_recipe
 
     from conftest import REPO, tiny_recipe_overrides
@@ -230,7 +233,11 @@ def test_gsm8k_recipe_runs_on_the_qwen_fixture(name, qwen2_model_dir, gsm8k_dir,
     overrides += (["train.batch_size=4", "train.micro_batch_size=2"] if name == "sft" else
                   ["rollout.prompts_per_step=2", "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=8",
                    "train.micro_batch_size=4"])
-    train(load_recipe(REPO / f"recipes/gsm8k/qwen2.5-0.5b-{name}.yaml", overrides))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        train(load_recipe(REPO / f"recipes/gsm8k/qwen2.5-0.5b-{name}.yaml", overrides))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)           # later tests start from "no" precision
     got = rows(tmp_path)
     assert [r["step"] for r in got] == [1, 2] and all(math.isfinite(r["loss"]) for r in got)
     assert got[-1]["eval/num_samples"] == 2
