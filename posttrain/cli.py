@@ -250,7 +250,7 @@ def cmd_eval(args) -> int:
     cfg = build(EvalConfig, raw, "", "eval")
     model_cfg = ModelConfig(path=args.model)
     check_model_dir(args.model, "MODEL")
-    tokenizer, model = load_tokenizer(args.model, model_cfg), load_model(args.model, model_cfg)
+    tokenizer, model = load_tokenizer(args.model, model_cfg, {"data": cfg.data}), load_model(args.model, model_cfg)
     examples = held_out_examples(cfg, "data")
     completions, correct = greedy_verdicts(model, tokenizer, cfg, examples)
     if args.output:

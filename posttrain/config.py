@@ -185,6 +185,15 @@ class Recipe:
     logging: LoggingConfig
     source: str = "recipe"
 
+    def data_sections(self) -> dict[str, DataConfig | None]:
+        """Key path -> DataConfig of every data section whose prompts the tokenizer renders (training and eval)."""
+        out = {}
+        for i, st in enumerate(self.stages):
+            out[f"stages.{i}.data"], out[f"stages.{i}.eval.data"] = st.data, st.eval.data
+            if st.demo_data is not None:
+                out[f"stages.{i}.demo_data"] = st.demo_data
+        return out
+
 
 _SECTION_TYPES = {"train": TrainConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "data": DataConfig,
                   "eval": EvalConfig, "rollout": RolloutConfig}

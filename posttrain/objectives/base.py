@@ -7,7 +7,9 @@ The contract the trainer relies on (checked at registration and when the objecti
              (sources/rollouts.py RolloutPlan: advantage estimator, KL placement, dynamic sampling, demonstrations
              or prefixes inside the groups), which the rollout builder follows.
     needs    extra inputs from the trainer: "reference" (pi_ref log-probs of the targets), "ref_logits"
-             (pi_ref's logits: full-vocabulary terms), "values" (a value head: PPO).
+             (pi_ref's logits: full-vocabulary terms), "values" (a value head: PPO); and what the policy pass computes
+             besides log-probs: "logits" (the full [B, L, V]; else PolicyOutput.logits is None: the vocabulary-scale
+             path never materialises them), "entropy" (PolicyOutput.entropy, differentiable).
     terms    name -> Term(tokens, aggregation): each term of the loss is aggregated over the tokens of its source
              whose provenance (experience.PROMPT / DEMO / PREFIX / POLICY) is in `tokens`, with the global normaliser
              of exactly those tokens, by the named aggregation. An objective with one term returns its per-token loss
@@ -29,7 +31,7 @@ from posttrain.policy import PolicyOutput
 from posttrain.registry import Registry
 
 SOURCES = ("demos", "rollouts")
-NEEDS = frozenset({"reference", "ref_logits", "values"})
+NEEDS = frozenset({"reference", "ref_logits", "values", "logits", "entropy"})
 
 
 @dataclass(frozen=True)

@@ -63,12 +63,12 @@ class GRPOConfig(ObjectiveConfig):
     dynamic_sampling: bool = field_doc(
         False, "drop groups whose rewards are all equal and sample more (DAPO; done by the experience builder)")
     max_sampling_rounds: int = field_doc(8, "dynamic sampling: at most this many generation rounds per batch")
-    entropy_metric: bool = field_doc(True, "log the policy entropy of the loss tokens (a no-grad pass over the logits)")
+    entropy_metric: bool = field_doc(True, "log the policy entropy of the loss tokens (computed block by block with "
+                                           "the log-probs: PolicyOutput.entropy)")
     median_split: bool = field_doc(
         False, "SASR's G+ / G- token split (from a review of arXiv 2505.13026, UNVERIFIED: the paper's use of it is "
-               "not "
-               "known): re-centre the advantages on their median over the batch's tokens, so the tokens above it (G+) "
-               "are pushed up and the rest (G-) down")
+               "not known): re-centre the advantages on their median over the batch's tokens, so the tokens above it "
+               "(G+) are pushed up and the rest (G-) down")
 
     def check(self) -> None:
         check_policy_gradient(self)
@@ -121,7 +121,8 @@ class GRPO:
 
     def __init__(self, config: GRPOConfig):
         self.config = config
-        self.needs = frozenset({"reference"} if config.beta > 0 else set())
+        self.needs = frozenset(({"reference"} if config.beta > 0 else set())
+                               | ({"entropy"} if config.entropy_metric else set()))
         self.terms = terms(config.aggregation, POLICY)
 
     def rollout_plan(self) -> RolloutPlan:
@@ -151,5 +152,5 @@ def grpo_loss(c: GRPOConfig, out: PolicyOutput, exp: Experience, mask: Tensor) -
         kl = kl_estimate(logp, exp.ref_logprobs, c.kl_estimator)                 # [B, L] k(z)
         loss = loss + c.beta * kl if kl_in_loss else loss                        # + beta k(z)
         metrics["kl"] = masked_mean(kl, mask)
-    metrics |= policy_metrics(pg.surrogate, pg.ratio, out.logits if c.entropy_metric else None, mask)
+    metrics |= policy_metrics(pg.surrogate, pg.ratio, out.entropy, mask)
     return loss, metrics

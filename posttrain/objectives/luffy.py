@@ -35,7 +35,6 @@ from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_plan
 from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
-from posttrain.rl.kl import policy_entropy
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import Surrogate, advantages, clipped_surrogate, truncated_is_weight
 from posttrain.sources.plan import RolloutPlan
@@ -74,7 +73,7 @@ class LUFFY:
 
     def __init__(self, config: LUFFYConfig):
         self.config = config
-        self.needs = frozenset()
+        self.needs = frozenset({"entropy"} if config.entropy_coef > 0 or config.entropy_metric else set())
         extra = {"entropy": Term(frozenset({DEMO, POLICY}), "token_mean")} if config.entropy_coef > 0 else {}
         self.terms = terms(config.aggregation, DEMO, POLICY, **extra)
 
@@ -85,14 +84,10 @@ class LUFFY:
         c = self.config
         sampled = exp.target_mask * (exp.source[:, 1:] == POLICY)                    # [B, L] sampled loss tokens
         mixed = mixed_policy_loss(c, out, exp)
-        bonus = c.entropy_coef > 0
-        metrics = policy_metrics(mixed.surrogate, mixed.ratio, out.logits if c.entropy_metric and not bonus else None,
-                                 sampled) | mixed.metrics
-        if not bonus:
+        metrics = policy_metrics(mixed.surrogate, mixed.ratio, out.entropy, sampled) | mixed.metrics
+        if c.entropy_coef == 0:
             return {"loss": mixed.loss}, metrics
-        entropy = policy_entropy(out.logits)                                         # [B, L] H, with grad
-        metrics["entropy"] = masked_mean(entropy, sampled)
-        return {"loss": mixed.loss, "entropy": -c.entropy_coef * entropy}, metrics
+        return {"loss": mixed.loss, "entropy": -c.entropy_coef * out.entropy}, metrics   # - c_H H, with grad
 
 
 class MixedPolicyLoss(NamedTuple):

@@ -56,7 +56,7 @@ class OTRConfig(ObjectiveConfig):
 @register_objective("otr", OTRConfig)
 class OTR:
     source = "demos"
-    needs = frozenset()
+    needs = frozenset({"logits"})   # logits: samples and scores K tokens from the full [B, L, V]
 
     def __init__(self, config: OTRConfig):
         self.config = config

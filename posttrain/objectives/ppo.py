@@ -69,7 +69,8 @@ class PPO:
 
     def __init__(self, config: PPOConfig):
         self.config = config
-        self.needs = frozenset({"values"} | ({"reference"} if config.beta > 0 else set()))
+        self.needs = frozenset({"values"} | ({"reference"} if config.beta > 0 else set())
+                               | ({"entropy"} if config.entropy_metric else set()))
         self.terms = terms(config.aggregation, POLICY)
 
     def rollout_plan(self) -> RolloutPlan:
@@ -89,7 +90,7 @@ class PPO:
         v_clipped = v_old + (v - v_old).clamp(-c.value_clip, c.value_clip)           # clip(V, V_old -+ eps_v)
         value = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2)              # [B, L] clipped value loss
         loss = pg.loss + c.vf_coef * value                                           # [B, L]
-        metrics |= policy_metrics(pg.surrogate, pg.ratio, out.logits if c.entropy_metric else None, mask)
+        metrics |= policy_metrics(pg.surrogate, pg.ratio, out.entropy, mask)
         metrics |= {"vf_loss": masked_mean(value, mask), "value/mean": masked_mean(v, mask),
                     "vf_clip_frac": masked_mean((v - ret) ** 2 < (v_clipped - ret) ** 2, mask)}
         if exp.ref_logprobs is not None:

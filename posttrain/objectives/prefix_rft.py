@@ -37,9 +37,7 @@ from posttrain.configlib import field_doc, require
 from posttrain.experience import POLICY, PREFIX, Experience
 from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_plan
-from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
-from posttrain.rl.kl import policy_entropy
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import advantages, clipped_surrogate, policy_gradient
 from posttrain.schedules import Schedule
@@ -85,7 +83,7 @@ class PrefixRFT:
 
     def __init__(self, config: PrefixRFTConfig):
         self.config = config
-        self.needs = frozenset()
+        self.needs = frozenset({"entropy"} if config.entropy_coef > 0 or config.entropy_metric else set())
         extra = {"entropy": Term(frozenset({PREFIX, POLICY}), "token_mean")} if config.entropy_coef > 0 else {}
         self.terms = terms(config.aggregation, PREFIX, POLICY, **extra)
 
@@ -104,11 +102,7 @@ class PrefixRFT:
         if not c.clip_prefix:                                                        # -A r on prefix tokens
             unclipped = clipped_surrogate(pg.ratio, advantages(exp), float("inf"), float("inf")).loss   # -A r
             loss = torch.where(prefix, unclipped, loss)
-        bonus = c.entropy_coef > 0
-        metrics = dict(pg.metrics) | policy_metrics(pg.surrogate, pg.ratio,
-                                                    out.logits if c.entropy_metric and not bonus else None, mask)
-        if not bonus:
+        metrics = dict(pg.metrics) | policy_metrics(pg.surrogate, pg.ratio, out.entropy, mask)
+        if c.entropy_coef == 0:
             return {"loss": loss}, metrics
-        entropy = policy_entropy(out.logits)                                         # [B, L] H, with grad
-        metrics["entropy"] = masked_mean(entropy, mask)
-        return {"loss": loss, "entropy": -c.entropy_coef * entropy}, metrics
+        return {"loss": loss, "entropy": -c.entropy_coef * out.entropy}, metrics      # - c_H H, with grad

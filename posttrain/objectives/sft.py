@@ -17,7 +17,6 @@ from posttrain.experience import DEMO, Experience
 from posttrain.objectives.base import ObjectiveConfig, Term, register_objective, terms
 from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
-from posttrain.rl.kl import policy_entropy, token_entropy
 
 
 @dataclass(frozen=True)
@@ -36,20 +35,17 @@ class SFTConfig(ObjectiveConfig):
 @register_objective("sft", SFTConfig)
 class SFT:
     source = "demos"
-    needs = frozenset()
 
     def __init__(self, config: SFTConfig):
         self.config = config
+        self.needs = frozenset({"entropy"} if config.entropy_coef > 0 or config.entropy_metric else set())
         extra = {"entropy": Term(frozenset({DEMO}), "token_mean")} if config.entropy_coef > 0 else {}
         self.terms = terms(config.aggregation, DEMO, **extra)
 
     def __call__(self, out: PolicyOutput, exp: Experience) -> tuple[Tensor | dict[str, Tensor], dict]:
         log_p = out.logprobs   # [B, L] log pi(y*_t | s_t)
         loss = -log_p          # [B, L] per-token NLL
+        metrics = {"entropy": masked_mean(out.entropy, exp.target_mask)} if out.entropy is not None else {}
         if self.config.entropy_coef == 0:
-            metrics = {"entropy": masked_mean(token_entropy(out.logits), exp.target_mask)} \
-                if self.config.entropy_metric else {}
             return loss, metrics
-        entropy = policy_entropy(out.logits)                                          # [B, L] H, with grad
-        return {"loss": loss, "entropy": -self.config.entropy_coef * entropy}, \
-            {"entropy": masked_mean(entropy, exp.target_mask)}
+        return {"loss": loss, "entropy": -self.config.entropy_coef * out.entropy}, metrics   # - c_H H, with grad

@@ -29,7 +29,6 @@ from posttrain.objectives.grpo import grpo_plan
 from posttrain.objectives.luffy import LUFFYConfig, mixed_policy_loss
 from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
-from posttrain.rl.kl import policy_entropy, token_entropy
 from posttrain.rl.metrics import policy_metrics
 from posttrain.rl.surrogate import advantages
 from posttrain.sources.plan import RolloutPlan
@@ -68,7 +67,7 @@ class SRFT:
 
     def __init__(self, config: SRFTConfig):
         self.config = config
-        self.needs = frozenset()
+        self.needs = frozenset({"entropy"})                 # the weights read H; the bonus (c_H > 0) its gradient
         extra = {"entropy": Term(frozenset({DEMO, POLICY}), "token_mean")} if config.entropy_coef > 0 else {}
         self.terms = terms(config.aggregation, DEMO, POLICY, sft=Term(frozenset({DEMO}), "token_mean"), **extra)
 
@@ -79,8 +78,7 @@ class SRFT:
         c = self.config
         sampled = exp.target_mask * (exp.source[:, 1:] == POLICY)                    # [B, L]
         demo = exp.target_mask * (exp.source[:, 1:] == DEMO)                         # [B, L]
-        bonus = c.entropy_coef > 0
-        entropy = policy_entropy(out.logits) if bonus else token_entropy(out.logits)  # [B, L] H_t
+        entropy = out.entropy                                                        # [B, L] H_t (with grad)
         w_rl = rl_weight(entropy, advantages(exp), c.rl_positive_coef)               # [B, L] w_RL
         mixed = mixed_policy_loss(c, out, exp, weight=w_rl)                          # L_RL^demo + L_RL^self
         w_sft = sft_weight(entropy, c.sft_coef, c.sft_entropy_sign)                  # [B, L] w_SFT
@@ -88,6 +86,6 @@ class SRFT:
         metrics = policy_metrics(mixed.surrogate, mixed.ratio, None, sampled) | mixed.metrics | {
             "entropy": masked_mean(entropy, sampled), "srft/sft_weight": masked_mean(w_sft, demo),
             "srft/rl_weight": masked_mean(w_rl, sampled)}
-        if bonus:
+        if c.entropy_coef > 0:
             losses["entropy"] = -c.entropy_coef * entropy
         return losses, metrics

@@ -30,7 +30,6 @@ from posttrain.objectives.base import Term, redefault, register_objective, terms
 from posttrain.objectives.grpo import GRPOConfig, grpo_loss, grpo_plan
 from posttrain.ops.masked import masked_mean
 from posttrain.policy import PolicyOutput
-from posttrain.rl.kl import policy_entropy
 from posttrain.schedules import Schedule
 from posttrain.sources.guidance import HintSampling
 from posttrain.sources.plan import RolloutPlan
@@ -68,7 +67,8 @@ class UFT:
 
     def __init__(self, config: UFTConfig):
         self.config = config
-        self.needs = frozenset({"reference"} if config.beta > 0 else set())
+        self.needs = frozenset(({"reference"} if config.beta > 0 else set())
+                               | ({"entropy"} if config.entropy_coef > 0 or config.entropy_metric else set()))
         self.terms = terms(config.aggregation, POLICY, hint=Term(frozenset({PREFIX}), "token_mean"))
 
     def rollout_plan(self) -> RolloutPlan:
@@ -82,9 +82,7 @@ class UFT:
         hint = exp.target_mask * (exp.source[:, 1:] == PREFIX)                       # [B, L] the hint
         loss, metrics = grpo_loss(c, out, exp, policy)                               # [B, L] GRPO (+ beta k3)
         if c.entropy_coef > 0:
-            entropy = policy_entropy(out.logits)                                     # [B, L] H, with grad
-            loss = loss - c.entropy_coef * entropy                                   # - c_H H
-            metrics["entropy"] = masked_mean(entropy, policy)
+            loss = loss - c.entropy_coef * out.entropy                               # - c_H H, with grad
         nll = -out.logprobs                                                          # [B, L] -log pi(h_t | s_t)
         metrics["hint/nll"] = masked_mean(nll, hint)
         return {"loss": loss, "hint": c.hint_coef * nll}, metrics

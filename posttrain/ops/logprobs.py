@@ -1,10 +1,19 @@
 """Full-vocabulary quantities per position, without a [B, L, V] float32 copy in forward *or* in what autograd saves.
 
-Every objective reads the vocabulary through these three functions; each formula lives here once:
+Every objective reads the vocabulary through these functions; each formula lives here once:
 
     selective_log_softmax(logits, index)   log pi(a | s) = z_a - logsumexp(z)                 [B, L] or [B, L, K]
+    head_logprobs(hidden, weight, ...)     the same from the LM head's input, z = (h W^T + b) / T, never holding
+                                           more than a block of z: [B, L] (+ the entropy, with its gradient)
+    token_entropy(logits)                  H(pi) = -sum_v pi_v log pi_v, no grad                 [B, L]
+    policy_entropy(logits)                 the same, differentiable (an entropy bonus)          [B, L]
     full_vocab_kl(p_logits, q_logits)      KL(p || q) = sum_v p_v (log p_v - log q_v)          [B, L]
     sample_tokens(logits, k, temperature)  a_1..a_K ~ softmax(z / tau), with replacement      [B, L, K]
+
+`head_logprobs` is the vocabulary-scale path (policy.forward takes it unless an objective reads the full logits):
+the [B, L, V] logits are never materialised, in any dtype; forward projects blocks of positions through the LM head
+and keeps [B, L] statistics, backward projects them again and returns the gradients w.r.t. the hidden states, the
+head's weight (float32 accumulation, in the weight's dtype) and bias.
 
 The first two are `torch.autograd.Function`s that save only their inputs (the logits, in the model's dtype, which
 the model's graph keeps anyway) and [B, L] float32 statistics (logsumexp, KL), then recompute the softmax block by
@@ -14,6 +23,8 @@ must return (for a slice such as `out.logits[:, :-1]`, autograd's own backward o
 full-size buffer, as for any implementation). Blocks are views of the logits: no copy of a non-contiguous slice.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -38,11 +49,112 @@ def _blocks(shape: tuple[int, int, int], chunk_bytes: int):
 
 def _as3d(x: Tensor) -> Tensor:
     """[B, L, V] view of [L, V] or [B, L, V] (no copy)."""
+    if x is None:
+        raise ValueError("the policy's [B, L, V] logits were not computed: an objective that reads PolicyOutput.logits "
+                         "lists 'logits' in its `needs` (policy.forward then materialises them)")
     if x.dim() == 2:
         return x.unsqueeze(0)
     if x.dim() != 3:
         raise ValueError(f"expected logits of shape [L, V] or [B, L, V], got {tuple(x.shape)}")
     return x
+
+
+def _entropy(z: Tensor, lse: Tensor, overwrite: bool = False) -> Tensor:
+    """H = -sum_v pi_v log pi_v, log pi = z - logsumexp(z), of float32 logit rows z [c, V] with their logsumexp
+    lse [c] -> [c] (a sum of non-negative terms: no cancellation when H is near 0). `overwrite`: z is scratch."""
+    log_p = z.sub_(lse[:, None]) if overwrite else z - lse[:, None]                         # [c, V]
+    return -torch.linalg.vecdot(log_p.exp(), log_p)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+    """H(softmax(z)) at every position, float32, no gradient, block by block.   [B, L, V] -> [B, L]"""
+    x = _as3d(logits)
+    out = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)                 # [B, L]
+    for bs, ts in _blocks(x.shape, chunk_bytes // 3):
+        z = x[bs, ts].float().flatten(0, 1)                                               # [b*t, V]
+        out[bs, ts] = _entropy(z, torch.logsumexp(z, -1)).view(out[bs, ts].shape)
+    return out.view(logits.shape[:-1])
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """out[r] = z[r, a_r] - logsumexp(z[r]) and H[r] = -sum_v p log p, z = (h W^T + b) / T, over blocks of rows of h.
+
+    backward, per block (g, g_H the incoming gradients of out and H; p = softmax(z)):
+        dz = [ g (onehot(a) - p) - g_H p (log p + H) ] / T;   dh = dz W;   dW += dz^T h;   db += sum_r dz.
+    The block's logits are recomputed (the same op in the same autocast state as forward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, index, temperature: float, rows: int, with_entropy: bool):
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)                      # [N]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)                      # [N]
+        ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        for r in range(0, n, rows):
+            z = _head_block(hidden[r : r + rows], weight, bias, temperature)                 # [c, V] float32
+            lse[r : r + rows] = torch.logsumexp(z, -1)
+            out[r : r + rows] = z.gather(-1, index[r : r + rows, None]).squeeze(-1) - lse[r : r + rows]
+            if with_entropy:
+                ent[r : r + rows] = _entropy(z, lse[r : r + rows], overwrite=True)              # z is done with
+        ctx.save_for_backward(hidden, weight, bias, index, lse, ent)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.autocast = _autocast_state(hidden.device.type)
+        return out, ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor, grad_ent: Tensor | None):                           # [N], [N] or None
+        hidden, weight, bias, index, lse, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        with_h = grad_ent is not None and grad_ent.numel() > 0 and bool(grad_ent.any())
+        grad_h = torch.empty_like(hidden) if need_h else None                                # [N, H]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # [V, H]
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        with torch.autocast(**ctx.autocast):
+            for r in range(0, hidden.shape[0], ctx.rows):
+                rs = slice(r, r + ctx.rows)
+                h, g = hidden[rs], grad_out[rs, None].float()                                # [c, H], [c, 1]
+                log_p = _head_block(h, weight, bias, ctx.temperature).sub_(lse[rs, None])     # [c, V] log p
+                dz = log_p.exp()                                                             # [c, V] p
+                if with_h:                                                                   # - g_H p (log p + H)
+                    log_p.add_(ent[rs, None]).mul_(dz).mul_(-grad_ent[rs, None].float())
+                dz.mul_(-g).scatter_add_(-1, index[rs, None], g)                             # g (onehot(a) - p)
+                if with_h:
+                    dz.add_(log_p)
+                dz.div_(ctx.temperature)                                                     # [c, V] dL/d(hW^T+b)
+                if need_h:
+                    grad_h[rs] = dz.to(weight.dtype) @ weight                                # [c, H]
+                if need_w:
+                    grad_w += (dz.to(h.dtype).T @ h).float()                                 # [V, H]
+                if need_b:
+                    grad_b += dz.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
+
+
+def _head_block(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """float32 logits of a block of hidden rows, z = (h W^T + b) / T, computed as the LM head computes them."""
+    z = torch.nn.functional.linear(h, weight, bias).float()                                  # [c, V]
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _autocast_state(device_type: str) -> dict:
+    enabled = torch.is_autocast_enabled(device_type)
+    return {"device_type": device_type, "enabled": enabled,
+            "dtype": torch.get_autocast_dtype(device_type) if enabled else torch.float32}
+
+
+def head_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, temperature: float = 1.0,
+                  entropy: bool = False, chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, Tensor | None]:
+    """log softmax(z / T)[index] with z = hidden W^T + bias, in float32, and (with `entropy`) H(softmax(z / T)), both
+    differentiable w.r.t. hidden, weight and bias; the [.., V] logits exist one block at a time.
+
+    hidden: [B, L, H] (the LM head's input), weight: [V, H], bias: [V] or None, index: [B, L] -> ([B, L], [B, L])."""
+    lead, vocab = index.shape, weight.shape[0]
+    rows = max(1, chunk_bytes // (4 * vocab))
+    out, ent = _HeadLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, index.reshape(-1),
+                                   float(temperature), rows, entropy)
+    return out.view(lead), ent.view(lead) if entropy else None
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -131,6 +243,13 @@ def full_vocab_kl(p_logits: Tensor, q_logits: Tensor, chunk_bytes: int = CHUNK_B
         raise ValueError(f"logits shapes differ: {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
     kl = _FullVocabKL.apply(_as3d(p_logits), _as3d(q_logits), chunk_bytes)
     return kl.view(p_logits.shape[:-1])
+
+
+def policy_entropy(logits: Tensor, chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+    """H(softmax(z)) = log V - KL(softmax(z) || uniform) at every position, float32, differentiable w.r.t. the logits
+    (through full_vocab_kl; the uniform logits are a stride-0 view).   [B, L, V] -> [B, L]"""
+    uniform = torch.zeros((), dtype=torch.float32, device=logits.device).expand(logits.shape)   # [B, L, V] view
+    return math.log(logits.shape[-1]) - full_vocab_kl(logits, uniform, chunk_bytes)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Sample estimators of KL(pi || pi_ref) at the sampled token, and the policy entropy (Schulman, "Approximating KL
-divergence", 2020; GRPO's k3: arXiv 2402.03300 eq. 4; docs/provenance.md, "GRPO, Dr. GRPO, DAPO").
+"""Sample estimators of KL(pi || pi_ref) at the sampled token (Schulman, "Approximating KL divergence", 2020; GRPO's
+k3: arXiv 2402.03300 eq. 4; docs/provenance.md, "GRPO, Dr. GRPO, DAPO"). The policy entropy is in ops/logprobs.py.
 
 With z = log pi_ref(o_t | s_t) - log pi(o_t | s_t), o_t ~ pi, clamped to [-Z_MAX, Z_MAX]:
 
@@ -14,12 +14,9 @@ Two placements, never both for the same estimate:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from posttrain.ops.logprobs import full_vocab_kl
 from posttrain.registry import Registry
 
 Z_MAX = 20.0   # |log pi_ref - log pi| is clamped to this (as verl does): exp(20) ~ 5e8 keeps k3 finite
@@ -43,20 +40,3 @@ def kl_reward_penalty(old_logp: Tensor, ref_logp: Tensor, beta: float, estimator
     `r_t = [t = last] R - beta (log pi_old - log pi_ref)`.
     """
     return -beta * kl_estimate(old_logp.detach(), ref_logp.detach(), estimator)
-
-
-def policy_entropy(logits: Tensor) -> Tensor:
-    """H(pi(. | s_t)) = log V - KL(pi || uniform) at every position, in float32, differentiable w.r.t. the logits
-    (an entropy bonus).   [B, L, V] -> [B, L]
-
-    Read through ops.logprobs.full_vocab_kl (chunked over the vocabulary, no [B, L, V] float32 copy); the uniform
-    logits are a stride-0 view.
-    """
-    uniform = torch.zeros((), dtype=torch.float32, device=logits.device).expand(logits.shape)   # [B, L, V] view
-    return math.log(logits.shape[-1]) - full_vocab_kl(logits, uniform)
-
-
-@torch.no_grad()
-def token_entropy(logits: Tensor) -> Tensor:
-    """policy_entropy without gradient (a metric).   [B, L, V] -> [B, L]"""
-    return policy_entropy(logits)

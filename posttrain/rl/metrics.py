@@ -7,17 +7,17 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from posttrain.ops.masked import masked_mean
-from posttrain.rl.kl import token_entropy
 
 if TYPE_CHECKING:
     from posttrain.rl.surrogate import Surrogate
 
 
-def policy_metrics(pg: Surrogate, ratio: Tensor, logits: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
-    """Clip fractions (low / high / dual), mean ratio and surrogate loss, and the policy entropy if logits are given."""
+def policy_metrics(pg: Surrogate, ratio: Tensor, entropy: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
+    """Clip fractions (low / high / dual), mean ratio and surrogate loss, and the mean policy entropy if given ([B, L],
+    PolicyOutput.entropy)."""
     m = {"clip_ratio/low": masked_mean(pg.clipped_low, mask), "clip_ratio/high": masked_mean(pg.clipped_high, mask),
          "clip_ratio/dual": masked_mean(pg.clipped_dual, mask), "ratio/mean": masked_mean(ratio, mask),
          "pg_loss": masked_mean(pg.loss, mask)}
-    if logits is not None:
-        m["entropy"] = masked_mean(token_entropy(logits), mask)
+    if entropy is not None:
+        m["entropy"] = masked_mean(entropy, mask)
     return m

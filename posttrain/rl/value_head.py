@@ -5,7 +5,8 @@ hidden state, sharing the policy's weights), computed in the same forward pass a
     V_t = w . h_t + b                                                           [B, T]
 
 The hidden state is captured by a forward pre-hook on the LM head (`get_output_embeddings()`), registered for the
-duration of one forward only, so there is one backbone pass and no `output_hidden_states` tuple of every layer.
+duration of one forward only, so there is one backbone pass and no `output_hidden_states` tuple of every layer. It
+runs before any other pre-hook (policy.forward's fused path hands the head an empty slice of that same input).
 Checkpoints: `state_dict()` holds `model.*` and `value_head.*` (what accelerate's save_state / load_state write and
 read); `save_pretrained(dir)` writes the backbone as transformers does plus `value_head.safetensors`, and
 `from_pretrained(dir)` reads both back.
@@ -44,13 +45,14 @@ class ValueHeadModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> ValueHeadOutput:
         seen: list[Tensor] = []                                             # the LM head's input, [B, T, H]
-        hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        hook = self.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0]),
+                                                                            prepend=True)   # before policy.forward's
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             hook.remove()
-        if len(seen) != 1 or seen[0].shape[1] != out.logits.shape[1]:
-            raise RuntimeError("value head: expected one LM-head call whose positions are the logits' positions")
+        if len(seen) != 1:
+            raise RuntimeError(f"value head: expected one LM-head call, saw {len(seen)}")
         hidden = seen[0]                                                    # h_t  [B, T, H]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)   # V_t = w . h_t + b  [B, T]
         return ValueHeadOutput(logits=out.logits, values=values.float())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
 
 from posttrain.configlib import field_doc, require
+from posttrain.data import DataConfig, render_prompt, tokenize_text
 from posttrain.registry import Registry
 
 
@@ -82,14 +83,13 @@ ENGINES: Registry = Registry("rollout engine")
 ENGINE_REQUIREMENTS: dict[str, Callable[[str], None]] = {}
 
 
-def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
-    """Chat messages -> prompt token ids ending in the assistant generation prompt, as the engines take them.
+def encode_prompts(tokenizer, conversations: list[list[dict]], data: DataConfig | None = None) -> list[list[int]]:
+    """Chat messages -> the prompt token ids the engines continue: `posttrain.data.render_prompt` (the chat template
+    with its generation prompt and data.chat_template_kwargs, or data.prompt_template), tokenized as
+    `posttrain.data.tokenize_text` does, so the ids are exactly those of a demonstration's prompt (no BOS twice)."""
+    texts = [render_prompt(tokenizer, msgs, data) for msgs in conversations]
+    return [list(ids) for ids in tokenize_text(tokenizer, texts, data)["input_ids"]] if texts else []
 
-    The template is rendered to text and then tokenized with add_special_tokens=False (as posttrain.data does), so
-    the ids are exactly those of a demonstration's prompt and no BOS is added twice.
-    """
-    texts = [tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) for msgs in conversations]
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
 def prompt_contexts(prompts: list[list[int]], prefixes: list[list[int]] | None) -> list[list[int]]:
     """Prompt i + prefix i as one token list per prompt (validated)."""

@@ -21,8 +21,9 @@ completions (on one device type and library versions: the chunking decides which
 
 Nothing but `SamplingConfig` shapes the distribution: `generate` would fill every unset setting from the
 checkpoint's generation_config.json (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20, top_p 0.8,
-temperature 0.7), so the model's `generation_config` is swapped for a blank one during the call. EOS = the
-tokenizer's eos token plus every eos id of the model's generation config, read once at construction.
+temperature 0.7), so the model's `generation_config` is swapped for a blank one during the call. EOS =
+`posttrain.models.eos_token_ids` (the tokenizer's eos token plus every eos id of the model's generation config; Qwen:
+<|im_end|> and <|endoftext|>), read once at construction.
 
 Weights. No copy: the engine calls `generate` on the policy module itself, in eval mode (each submodule's training
 flag restored afterwards), under `torch.no_grad`, with `use_cache=True` whatever `model.config.use_cache` says
@@ -48,6 +49,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import build, field_doc, require
+from posttrain.models import eos_token_ids
 from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
 
 
@@ -72,14 +74,7 @@ class HFEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: HFEngineConfig = HFEngineConfig(), accelerator=None):
         self.model, self.tokenizer, self.config, self.accelerator = model, tokenizer, config, accelerator
-        module = _unwrap(model, accelerator)
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(module, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
-        if not eos:
-            raise ValueError("hf rollout engine: neither the tokenizer nor the model's generation config names an "
-                             "EOS token; completions could only end by stop strings or length")
-        self.eos_ids = sorted(eos)
+        self.eos_ids = eos_token_ids(tokenizer, _unwrap(model, accelerator))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig,

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import build, field_doc, require
+from posttrain.models import eos_token_ids, is_peft, language_model
 from posttrain.rollout.base import ENGINE_REQUIREMENTS, ENGINES, Completion, SamplingConfig, prompt_contexts
 
 INSTALL_HINT = (
@@ -138,7 +139,7 @@ class VLLMEngine:
             raise ValueError("rollout.sleep_mode: vLLM has no sleep mode on CPU (it rejects enable_sleep_mode); "
                              "set sleep_mode: false")
         self.tokenizer, self.config, self.accelerator = tokenizer, config, accelerator
-        self.eos_ids = eos_token_ids(tokenizer, model, accelerator)
+        self.eos_ids = eos_token_ids(tokenizer, unwrap(model, accelerator))
         lm = language_model(unwrap(model, accelerator))
         path = config.model_path or getattr(lm, "name_or_path", None) or getattr(lm.config, "_name_or_path", None)
         if not path:
@@ -296,35 +297,6 @@ def unwrap(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     return model
 
 
-def language_model(module: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM whose weights vLLM serves: below a value-head wrapper and a PEFT model."""
-    while True:
-        if hasattr(module, "value_head") and isinstance(getattr(module, "model", None), torch.nn.Module):
-            module = module.model
-        elif _is_peft(module):
-            module = module.get_base_model()
-        else:
-            return module
-
-
-def _is_peft(module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(module, PeftModel)
-
-
-def eos_token_ids(tokenizer, model, accelerator=None) -> list[int]:
-    """The tokenizer's EOS plus every EOS id of the model's generation config (what the hf engine stops on)."""
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(getattr(language_model(unwrap(model, accelerator)), "generation_config", None), "eos_token_id", None)
-    eos |= set(gen if isinstance(gen, (list, tuple)) else [gen] if gen is not None else [])
-    if not eos:
-        raise ValueError("rollout engine: neither the tokenizer nor the model's generation config names an EOS token")
-    return sorted(eos)
-
-
 @dataclass
 class WeightEntry:
     """One HF-named weight vLLM receives: a parameter, plus LoRA deltas to add when it is an adapted base weight."""
@@ -377,7 +349,7 @@ def weight_entries(model: torch.nn.Module, accelerator=None) -> list[WeightEntry
 
 def _find_peft(module):
     while True:
-        if _is_peft(module):
+        if is_peft(module):
             return module
         if hasattr(module, "value_head") and isinstance(getattr(module, "model", None), torch.nn.Module):
             module = module.model

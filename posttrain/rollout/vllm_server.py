@@ -36,14 +36,15 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.configlib import build, field_doc, require
+from posttrain.models import eos_token_ids
 from posttrain.rollout.base import ENGINE_REQUIREMENTS, ENGINES, Completion, SamplingConfig, prompt_contexts
 from posttrain.rollout.vllm_engine import (
     completion_logprobs,
-    eos_token_ids,
     first_request_seed,
     import_vllm,
     iter_weights,
     require_vllm,
+    unwrap,
     weight_entries,
 )
 
@@ -79,7 +80,7 @@ class VLLMServerEngine:
 
         self.tokenizer, self.config, self.accelerator = tokenizer, config, accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
-        self.eos_ids = eos_token_ids(tokenizer, model, accelerator)
+        self.eos_ids = eos_token_ids(tokenizer, unwrap(model, accelerator))
         if config.weight_sync and not torch.cuda.is_available():
             raise RuntimeError("vllm-server: weight sync goes over NCCL and needs CUDA GPUs; on a machine without "
                                "them set rollout.weight_sync: false (generation only, the server keeps its weights)")

@@ -73,8 +73,7 @@ def _prepare_prompts(recipe, index: int, tokenizer, world: int, data: StageData)
         raise ConfigError(f"{where}.data.columns.completion: the stage's rollout objective puts demonstrations into "
                           f"its groups, but {stage.data.source!r} maps no demonstration column; map the role "
                           f"'completion' to one (its columns: {', '.join(sorted(rows[0]))})")
-    prompts, dropped = rollout_prompts(examples, rows, columns, tokenizer, stage.data.max_length,
-                                       demos=data.plan.reads_demos)
+    prompts, dropped = rollout_prompts(examples, tokenizer, stage.data, demos=data.plan.reads_demos)
     require_prompts(len(prompts), stage.data, f"{where}.data")
     if data.plan.reads_demos:
         check_demonstrations(prompts, data.plan, stage.rollout, f"stages.{index}.data", recipe.source,

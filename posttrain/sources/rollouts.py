@@ -43,20 +43,17 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import ConfigError
-from posttrain.data import EpochSampler, Example, demo_completion_ids
+from posttrain.data import NOT_REWARD_COLUMNS, DataConfig, EpochSampler, Example, demo_completion_ids
 from posttrain.experience import DEMO, POLICY, PREFIX, PROMPT, Experience, GroupOutcome, pad_right
 from posttrain.policy import forward
 from posttrain.rewarding import Reward, RewardBatch, reward_metrics, score_batch
 from posttrain.rl.advantages import AdvantageInputs, compute_advantages, token_rewards
 from posttrain.rl.config import RolloutConfig
-from posttrain.rl.kl import token_entropy
 from posttrain.rl.sampling import fill_batch, first_groups, informative
 from posttrain.rollout.base import Completion, encode_prompts
 from posttrain.schedules import schedule_value
 from posttrain.sources.guidance import draw_hint, draw_ratio, lowest_fraction, prefix_length, solution_steps
 from posttrain.sources.plan import RolloutPlan
-
-NOT_REWARD_COLUMNS = ("prompt", "completion", "completion_ids")   # passed as prompts= / completions= instead (TRL)
 
 
 @dataclass
@@ -70,21 +67,18 @@ class Prompt:
     row: int = 0                # index of the example in its data set (the same row its demonstration has)
 
 
-def rollout_prompts(examples: list[Example], rows: list[dict], columns: dict[str, str], tokenizer,
-                    max_length: int, demos: bool = False) -> tuple[list[Prompt], int]:
-    """The prompts of a data set (with their demonstrations when `demos`), and how many were dropped for being longer
-    than `max_length` tokens."""
-    ids = encode_prompts(tokenizer, [ex.prompt for ex in examples])
-    role = next((columns[r] for r in ("messages", "prompt") if r in columns),
-                next((r for r in ("messages", "prompt") if r in rows[0]), None))
+def rollout_prompts(examples: list[Example], tokenizer, data: DataConfig,
+                    demos: bool = False) -> tuple[list[Prompt], int]:
+    """The prompts of a data set, rendered as `data` says (chat template and its kwargs, or a prompt template), with
+    their demonstrations when `demos`; and how many were dropped for being longer than data.max_length tokens."""
+    ids = encode_prompts(tokenizer, [ex.prompt for ex in examples], data)
     out = []
-    for i, (ex, row, p) in enumerate(zip(examples, rows, ids)):
-        if len(p) > max_length:
+    for i, (ex, p) in enumerate(zip(examples, ids)):
+        if len(p) > data.max_length:
             continue
-        chat = isinstance(row.get(role), list)
         cols = {k: v for k, v in ex.columns.items() if k not in NOT_REWARD_COLUMNS}
-        demo_ids = demo_completion_ids(tokenizer, ex.prompt, ex.completion) if demos else None
-        out.append(Prompt(p, ex.prompt if chat else row.get(role), chat, cols, ex.completion if demos else None,
+        demo_ids = demo_completion_ids(tokenizer, ex, data) if demos else None
+        out.append(Prompt(p, ex.reward_prompt(), ex.conversational, cols, ex.completion if demos else None,
                           demo_ids, i))
     return out, len(examples) - len(out)
 
@@ -389,14 +383,14 @@ class RolloutBuilder:
         for start in range(0, len(exp), self.micro):
             mb = exp.select(slice(start, start + self.micro)).trimmed().to(self.acc.device)
             with self.acc.autocast():
-                out = forward(model, mb, self.temperature)
+                out = forward(model, mb, self.temperature, entropy=entropy)
             rows, width = slice(start, start + len(mb)), out.logprobs.shape[1]
             logps[rows, :width] = out.logprobs.float().cpu()
             if out.values is not None:
                 values = torch.zeros(exp.targets.shape) if values is None else values
                 values[rows, :width] = out.values.float().cpu()
             if entropy:
-                ents[rows, :width] = token_entropy(out.logits).cpu()
+                ents[rows, :width] = out.entropy.float().cpu()
         return logps, values, ents
 
     def advantages(self, exp: Experience, entropies: Tensor | None) -> None:
