@@ -224,7 +224,7 @@ def test_srft_per_token_loss_by_hand():
     """One group: a sampled row (A > 0 on its tokens) and the demonstration row; every term computed by hand."""
     from posttrain.config import _build_objective
     from posttrain.objectives import build_objective
-    from posttrain.ops.logprobs import selective_log_softmax
+    from posttrain.ops.logprobs import policy_entropy, selective_log_softmax
     from posttrain.policy import PolicyOutput
 
     srft = build_objective(_build_objective("srft", {"entropy_coef": 0.0}, "t"))
@@ -236,7 +236,7 @@ def test_srft_per_token_loss_by_hand():
     exp.advantages = torch.tensor([0.5, -0.5])[:, None] * exp.target_mask
     logits = torch.randn(2, 3, 8, requires_grad=True)
     logp = selective_log_softmax(logits, exp.targets)
-    losses, _ = srft(PolicyOutput(logits, logp), exp)
+    losses, _ = srft(PolicyOutput(None, logp, entropy=policy_entropy(logits)), exp)
     probs = torch.softmax(logits.detach().double(), -1)
     h = -(probs * probs.log()).sum(-1)                                                # [2, 3] entropy
     p = logp.detach().double().exp()

@@ -77,11 +77,29 @@ def test_head_logprobs_equals_the_head_then_log_softmax(rows, temperature, bias)
     torch.testing.assert_close(lp.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), -(z.softmax(-1) * z.log_softmax(-1)).sum(-1), atol=1e-5, rtol=1e-5)
     leaves = [h, w] + ([b] if bias else [])
-    for got, want in zip(torch.autograd.grad((lp * weight).sum(), leaves),
-                         torch.autograd.grad((ref * weight.double()).sum(), leaves)):
+    for got, want in zip(torch.autograd.grad((lp * weight).sum(), leaves, retain_graph=True),
+                         torch.autograd.grad((ref * weight.double()).sum(), leaves, retain_graph=True)):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
     assert head_logprobs(h, w.detach(), None, index)[1] is None                    # entropy only when asked
+    ent_ref = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)                         # an entropy bonus: its gradient
+    ent_weight = torch.randn(3, 5, generator=g)
+    for got, want in zip(torch.autograd.grad((lp * weight + ent * ent_weight).sum(), leaves),
+                         torch.autograd.grad((ref * weight.double() + ent_ref * ent_weight.double()).sum(), leaves)):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_policy_entropy_is_token_entropy_with_its_gradient():
+    from posttrain.ops.logprobs import policy_entropy
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 9, generator=g, requires_grad=True)
+    h = policy_entropy(z, chunk_bytes=4 * 9 * 3)
+    torch.testing.assert_close(h.detach(), token_entropy(z))
+    ref = -(z.double().softmax(-1) * z.double().log_softmax(-1)).sum(-1)
+    w = torch.randn(2, 4, generator=g)
+    (got,), (want,) = torch.autograd.grad((h * w).sum(), [z]), torch.autograd.grad((ref * w.double()).sum(), [z])
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-5)
 
 
 def test_token_entropy_by_hand():
