@@ -127,8 +127,8 @@ def test_tokenizer_without_a_chat_template(tiny_model_dir, tmp_path, capsys, no_
     (model / "chat_template.jinja").unlink()
     raw = sft_raw(tiny_model_dir, tmp_path, [f"model.path={model}"])
     expect(run_train(tmp_path, raw, capsys=capsys),
-           r"model\.path: the tokenizer of '.*/model' has no chat template; posttrain formats prompts with the "
-           r"tokenizer's chat template")
+           r"stages\.0\.data\.prompt_template: the tokenizer of '.*/model' has no chat template; give a prompt "
+           r"template with \{prompt\}")
 
 
 def test_hub_name_that_cannot_be_reached(tiny_model_dir, tmp_path, capsys, no_training, monkeypatch):
