@@ -342,8 +342,10 @@ class Trainer:
         done = time.perf_counter()
         tokens = acc.reduce(sum(b.attention_mask.sum() for b in batches.values()).to(acc.device), "sum")
         metrics |= combine_updates(updates) | {f"mix/{name}": w for name, w in plan.weights.items()} | {
-            "time/train": done - trained, "time/sync": synced, "time/step": done - started,
+            "time/train": done - trained, "time/step": done - started,
             "tokens_per_s": float(tokens) / (done - started), "optimizer_steps": float(len(updates))}
+        if "rollouts" in batches:
+            metrics["time/sync"] = synced
         if "demos" in batches:
             metrics["epoch" if "rollouts" not in batches else "epoch/demos"] = run.demos.epoch
         run.mixer.observe(step, report)
@@ -460,7 +462,7 @@ class Trainer:
                 loss, parts = self.micro_loss(run, source, mb.trimmed().to(acc.device), norms, weights)
                 if "nonfinite" not in totals and not bool(torch.isfinite(loss)):
                     bad = [k[5:] for k, v in parts.items() if k.startswith("loss/") and not bool(torch.isfinite(v))]
-                    totals["nonfinite"] = (f"a non-finite loss ({float(loss)}) in objective "
+                    totals["nonfinite"] = (f"a non-finite loss ({loss.detach().item()}) in objective "
                                            f"{', '.join(map(repr, bad)) or '?'} on {source} micro-batch {i}")
                 if last and self.deepspeed is not None:   # its last backward also steps: check every process first
                     self.stop_if_nonfinite_before_deepspeed_step(run, totals)

@@ -48,8 +48,10 @@ def test_report_of_an_rl_run_and_an_sft_run(tiny_model_dir, tmp_path, capsys):
                 "length": {"completion/mean_length": rl_only, "completion/min_length": rl_only,
                            "completion/max_length": rl_only},
                 "eval": {"eval/accuracy": rl_only},
-                "time": {f"time/{k}": rl_only for k in ("generate", "logprobs", "reward", "step", "sync", "train")}}
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{g}.png" for g in expected)     # no mix: none logged
+                "time": {f"time/{k}": rl_only for k in ("generate", "logprobs", "reward", "sync")}
+                | {"time/step": both, "time/train": both},
+                "mix": {"mix/grpo": rl_only, "mix/sft": both}}     # every stage logs its (here constant) weights
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{g}.png" for g in expected)
     for group, panels in expected.items():
         assert _png_panels(out / f"{group}.png") == panels, group
 
