@@ -10,6 +10,7 @@ files are complete, then the directory is renamed to `step-000120` in one step. 
 renamed to a `.tmp-` name before they are deleted. So a kill at any moment leaves only complete `step-*`
 checkpoints, plus `.tmp-*` directories that the next run removes (`remove_temporaries`). A write that fails (disk
 full, read-only) raises a CheckpointError naming the checkpoint and the cause; the earlier checkpoints are untouched.
+The final export (RUN_DIR/final) is written the same way, into RUN_DIR/.tmp-final, then renamed.
 
 Reading: `resolve` checks a checkpoint against its manifest (`problems`: a missing file, a size or sha256 that
 differs, named by file) before anything is loaded. `--resume DIR` stops on a damaged checkpoint; `--resume auto`
@@ -37,6 +38,7 @@ from posttrain.configlib import ConfigError
 STATE_FILE = "trainer_state.json"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+FINAL_TMP = ".tmp-final"     # RUN_DIR/final is written here, then renamed (a kill never leaves a partial final/)
 WRITE_DELAY_ENV = "POSTTRAIN_CHECKPOINT_WRITE_DELAY"
 _NAME = re.compile(r"step-\d+")
 LOW_SPACE = 16 << 20        # bytes free below which a failed write is reported as a full disk
@@ -79,7 +81,7 @@ def save(accelerator, run_dir: Path, state: RunState, keep: int) -> Path:
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
             _write_manifest(tmp)
             _pause()
-            _replace(tmp, final)
+            replace_directory(tmp, final)
         _pause()
         for old in list_checkpoints(run_dir)[:-keep]:
             try:
@@ -104,9 +106,9 @@ def _writing(final: Path, tmp: Path | None):
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the `.tmp-*` directories a killed run left under RUN_DIR/checkpoints (main process only)."""
-    root = Path(run_dir) / "checkpoints"
-    stale = sorted(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
+    """Delete the `.tmp-*` directories a killed run left in RUN_DIR and RUN_DIR/checkpoints (main process only)."""
+    stale = [path for root in (Path(run_dir), Path(run_dir) / "checkpoints") if root.is_dir()
+             for path in sorted(root.glob(f"{TMP_PREFIX}*"))]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -126,8 +128,8 @@ def _write_manifest(directory: Path) -> None:
     _sync_dir(directory)
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`; an existing `final` (the same step written again) is moved aside first."""
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing `final` (the same step or export written again) is moved aside first."""
     if final.exists():
         aside = final.with_name(f"{TMP_PREFIX}old-{final.name}")
         shutil.rmtree(aside, ignore_errors=True)
@@ -234,10 +236,16 @@ def _problems(path: Path) -> list[str]:
     return found
 
 
-def resolve(run_dir: Path, resume: str, report: bool = True) -> Path:
+def resolve(run_dir: Path, resume: str, report: bool = True) -> Path | None:
     """The checkpoint to resume from: `auto` = the newest usable one of the run (skipped newer ones reported on
-    stderr when `report`), else the directory `resume`, which must be usable. ConfigError otherwise."""
+    stderr when `report`), or None when the run has no checkpoint yet (start from the beginning: a job script can pass
+    `--resume auto` on every launch); else the directory `resume`, which must be usable. ConfigError otherwise."""
     if resume == "auto":
+        if not list_checkpoints(run_dir):
+            if report:
+                print(f"posttrain: --resume auto: no checkpoint under {Path(run_dir) / 'checkpoints'} yet; starting "
+                      "from the beginning", file=sys.stderr, flush=True)
+            return None
         skipped = []
         for path in reversed(list_checkpoints(run_dir)):
             found = problems(path)

@@ -40,6 +40,11 @@ class MetricsLog:
             return
         self.log({"stage": stage, "world_size": self.accelerator.num_processes, **metrics}, step)
 
+    def start_over(self) -> None:
+        """Forget every row: the run starts from the beginning (`--resume auto` before its first checkpoint)."""
+        if self.accelerator.is_main_process:
+            self.path.unlink(missing_ok=True)
+
     def drop_after(self, global_step: int, stage: int) -> None:
         """Resume from a checkpoint taken at `global_step` in `stage`: forget the rows logged after it (steps past
         it; header rows of later stages, which start at its step; a line cut short by a kill)."""

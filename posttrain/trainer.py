@@ -138,6 +138,8 @@ class Trainer:
         self.state = ckpt.read_state(self.resume_from) if self.resume_from else ckpt.RunState()
         if self.resume_from:
             self.log.drop_after(self.state.global_step, self.state.stage)
+        else:                               # a fresh run (or `--resume auto` before any checkpoint): a fresh file
+            self.log.start_over()
         init_trackers(acc, recipe)
 
     # ----------------------------------------------------------------------------------------------- run
@@ -612,15 +614,18 @@ class Trainer:
 
     def export_final(self) -> Path:
         """The trained policy in plain transformers format: RUN_DIR/final."""
-        out = self.run_dir / "final"
+        out, tmp = self.run_dir / "final", self.run_dir / ckpt.FINAL_TMP     # written aside, renamed when complete
         acc = self.accelerator
         acc.wait_for_everyone()
         state = acc.get_state_dict(self.model)
         if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(out, state_dict=state)   # with LoRA: the adapter
-            self.tokenizer.save_pretrained(out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            acc.unwrap_model(self.model).save_pretrained(tmp, state_dict=state)   # with LoRA: the adapter
+            self.tokenizer.save_pretrained(tmp)
         if self.recipe.model.lora is not None and self.recipe.model.lora.merge:
-            save_merged(acc.unwrap_model(self.model), out / "merged", self.tokenizer, acc.is_main_process)
+            save_merged(acc.unwrap_model(self.model), tmp / "merged", self.tokenizer, acc.is_main_process)
+        if acc.is_main_process:
+            ckpt.replace_directory(tmp, out)
         acc.wait_for_everyone()
         return out
 

@@ -19,7 +19,7 @@ from posttrain.cli import main
 from posttrain.config import parse_recipe
 from posttrain.preflight import record_recipe
 
-from conftest import REPO, sft_recipe_raw
+from conftest import REPO, read_metrics, sft_recipe_raw
 
 ROWS = [{"question": f"What is {a} + {b}?", "solution": f"{a}+{b}={a + b}\n#### {a + b}", "answer": str(a + b)}
         for a, b in [(1, 2), (3, 4), (5, 1), (2, 2)]]
@@ -419,10 +419,18 @@ def test_resume_from_a_directory_that_does_not_exist(tiny_model_dir, tmp_path, c
            r"^--resume .*/nowhere: no such checkpoint directory")
 
 
-def test_resume_auto_without_a_checkpoint(tiny_model_dir, tmp_path, capsys, no_training):
-    raw = sft_raw(tiny_model_dir, tmp_path)
-    expect(run_train(tmp_path, raw, "--resume", "auto", capsys=capsys, named=False),
-           r"^--resume auto: no usable checkpoint under .*/run/checkpoints$")
+def test_resume_auto_without_a_checkpoint_starts_from_the_beginning(tiny_model_dir, tmp_path, capsys):
+    """A job script passes `--resume auto` on every launch: before the first checkpoint (a kill during set-up or
+    step 1) it starts over, dropping the rows the killed attempt logged."""
+    raw = sft_raw(tiny_model_dir, tmp_path, ["stages.0.train.steps=2"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/metrics.jsonl").write_text('{"step": 0, "stage": 0, "world_size": 1}\n{"step": 1, "loss": 9.0')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(recipe), "--resume", "auto"]) == 0
+    assert re.search(r"--resume auto: no checkpoint under .*/run/checkpoints yet; starting from the beginning",
+                     capsys.readouterr().err)
+    assert [(r["step"], "loss" in r) for r in read_metrics(tmp_path / "run")] == [(0, False), (1, True), (2, True)]
 
 
 # ------------------------------------------------------------------------------------- recipe and launcher
