@@ -49,7 +49,7 @@ def timing(args, out_dir: Path) -> dict:
         r = recipe_for(m, out_dir, ([f"objectives.otr.num_samples={args.k}"] if m == "otr" else []) + args.set)
         r = Recipe(r.output_dir, r.seed, r.model, r.objectives, [r.stages[1]], r.logging, r.source)  # method only
         trainer = Trainer(r)
-        runs[m] = (trainer, trainer.setup_stage(r.stages[0]))
+        runs[m] = (trainer, trainer.setup_stage(0))
     rounds = []
     for _ in range(args.rounds):
         times = {m: [] for m in METHODS}

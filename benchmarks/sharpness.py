@@ -51,20 +51,22 @@ def grpo_gradient(ckpt: str, num_ops: int):
     from posttrain.config import load_recipe
     from posttrain.objectives.aggregation import aggregate
     from posttrain.policy import forward
-    from posttrain.trainer import Trainer
+    from posttrain.trainer import Trainer, term_mask
 
     task = json.dumps({"digits": 1, "num_ops": num_ops, "ops": "+-", "num_examples": 2000})
     recipe = load_recipe(REPO / "recipes/quickstart.yaml", [
         f"model.path={ckpt}", "output_dir=/tmp/posttrain-sharpness", "logging.report_to=[]",
         "logging.progress_bar=false", f"data.task={task}", "eval.data=null", "stages.0.train.steps=1"])
     trainer = Trainer(recipe)
-    run = trainer.setup_stage(recipe.stages[1])
+    run = trainer.setup_stage(1)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    batch, _ = run.rollout.collect(model, run.ref)
+    batch, _ = run.rollouts.collect(model, run.ref)
+    run.rollouts.close()
     model.train()
     model.zero_grad()
-    per_token, _ = run.objectives["grpo"](forward(model, batch), batch)            # [B, L]
-    aggregate(per_token, batch.target_mask, "seq_mean_token_mean").backward()
+    grpo = run.objectives["grpo"]
+    per_token, _ = grpo(forward(model, batch, run.temperature("rollouts")), batch)      # [B, L]
+    aggregate(per_token, term_mask(batch, next(iter(grpo.terms.values())).tokens), "seq_mean_token_mean").backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.eval()
     return model, trainer.tokenizer, grads

@@ -160,7 +160,7 @@ class Trainer:
     def run_stage(self, index: int, stage: StageConfig) -> dict:
         acc = self.accelerator
         self.state.stage, self.state.stage_name = index, stage.name
-        run = self.setup_stage(stage)
+        run = self.setup_stage(index)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             run.scheduler.load_state_dict(self.state.scheduler)
@@ -204,8 +204,9 @@ class Trainer:
         return minutes > stage.train.max_minutes
 
     # --------------------------------------------------------------------------------------------- setup
-    def setup_stage(self, stage: StageConfig) -> StageRun:
-        acc, index = self.accelerator, self.state.stage
+    def setup_stage(self, index: int) -> StageRun:
+        """Build stage `index` (recipe.stages[index]): its objectives, mixer, builders, optimizer and scheduler."""
+        acc, stage = self.accelerator, self.recipe.stages[index]
         data: StageData = self.data[index]
         objectives = data.objectives
         needs = set().union(*(o.needs for o in objectives.values()))

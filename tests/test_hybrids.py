@@ -49,7 +49,7 @@ def raw_recipe(model_dir, out, reward: str, objectives: dict, stage: dict, rollo
 def first_step(raw: dict) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     """The metrics of the stage's first step and the gradient of each of its optimizer steps (before clipping)."""
     trainer = Trainer(parse_recipe(raw, "test"))
-    run = trainer.setup_stage(trainer.recipe.stages[0])
+    run = trainer.setup_stage(0)
     grads, clip = [], trainer.clip
 
     def recording_clip(r):
@@ -344,7 +344,7 @@ def test_demonstration_longer_than_the_rollout_budget_stops_before_the_model(tin
 def test_luffy_groups_hold_the_demonstration_scored_like_the_rest(tiny_model_dir, tmp_path):
     raw = raw_recipe(tiny_model_dir, tmp_path, "exact", {"luffy": {}}, {"objectives": {"luffy": 1.0}})
     trainer = Trainer(parse_recipe(raw, "test"))
-    run = trainer.setup_stage(trainer.recipe.stages[0])
+    run = trainer.setup_stage(0)
     exp, metrics = run.rollouts.collect(trainer.model, None, 0)
     assert len(exp) == 4 * 5 and metrics["reward/demo_mean"] == 1.0            # the worked solution is right
     demo_rows = (exp.source == DEMO).any(-1)
@@ -368,7 +368,7 @@ def test_prefix_rft_rollouts_continue_demonstration_prefixes(tiny_model_dir, tmp
                                                                          "entropy_mask": 0.5}},
                      {"objectives": {"prefix_rft": 1.0}})
     trainer = Trainer(parse_recipe(raw, "test"))
-    run = trainer.setup_stage(trainer.recipe.stages[0])
+    run = trainer.setup_stage(0)
     exp, metrics = run.rollouts.collect(trainer.model, None, 0)
     tok = trainer.tokenizer
     assert len(exp) == 16 and metrics["prefix/low"] == 0.3 and metrics["prefix/high"] == 0.6

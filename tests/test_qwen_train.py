@@ -14,6 +14,7 @@ from test_rl_loop import launch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import parse_recipe
+from posttrain.experience import DEMO, PREFIX
 from posttrain.trainer import Trainer, train
 
 from conftest import read_metrics
@@ -242,3 +243,65 @@ def test_gsm8k_recipe_runs_on_the_qwen_fixture(name, qwen2_model_dir, gsm8k_dir,
     got = rows(tmp_path)
     assert [r["step"] for r in got] == [1, 2] and all(math.isfinite(r["loss"]) for r in got)
     assert got[-1]["eval/num_samples"] == 2
+
+
+# --------------------------------------------------------------------------------------------------- hybrids
+THINK = "<think>\n\n</think>\n\n"     # Qwen3's template opens the last assistant turn with it (no reasoning given)
+
+
+def _hybrid(model_dir, out, objectives: dict, stage: dict, lora: dict | None = None) -> dict:
+    raw = recipe(model_dir, out, "sft", lora=lora, reward="exact",
+                 stages=[{"name": "hybrid", "train": {"steps": 2, "micro_batch_size": 5}, **stage}])
+    raw["objectives"] = {"sft": {"type": "sft"}, **objectives}
+    raw["rollout"]["sampling"]["max_new_tokens"] = 16              # the chat-formatted answers are up to 15 tokens
+    return raw
+
+
+def test_demonstrations_in_groups_and_prefixes_follow_the_chat_template(qwen3_model_dir, tmp_path):
+    """On Qwen3's chat template: the demonstration a LUFFY group holds is the answer as the template renders it after
+    the rollout prompt (an empty think block, the answer, <|im_end|>), teacher-forced (no sampler log-probs) and
+    scored 1 by `exact`; Prefix-RFT's prefixes are leading tokens of that response, continued by the policy."""
+    raw = _hybrid(qwen3_model_dir, tmp_path, {"luffy": {}, "prefix_rft": {"prefixed": 2, "low": 0.3, "high": 0.6}},
+                  {"objectives": {"luffy": 1.0}})
+    raw["stages"].append({"name": "prefix", "objectives": {"prefix_rft": 1.0},
+                          "train": {"steps": 1, "micro_batch_size": 4}})
+    trainer = Trainer(parse_recipe(raw, "test"))
+    tok, im_end = trainer.tokenizer, trainer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    run = trainer.setup_stage(0)
+    exp, metrics = run.rollouts.collect(trainer.model, None, 0)
+    run.rollouts.close()
+    demo_rows = (exp.source == DEMO).any(-1)
+    assert metrics["reward/demo_mean"] == 1.0 and demo_rows.tolist() == ([False] * 4 + [True]) * 2
+    for i in demo_rows.nonzero().flatten().tolist():
+        response = exp.input_ids[i][exp.source[i] == DEMO].tolist()
+        assert response[-1] == im_end and tok.decode(response[:-1]) == THINK + exp.columns[i]["solution"]
+        assert torch.isnan(exp.sampler_logprobs[i][exp.source[i, 1:] == DEMO]).all()
+
+    run = trainer.setup_stage(1)
+    exp, metrics = run.rollouts.collect(trainer.model, None, 0)
+    run.rollouts.close()
+    assert 0 < metrics["tokens/prefix_frac"] < 1
+    for i in range(len(exp)):
+        prefix = tok.decode(exp.input_ids[i][exp.source[i] == PREFIX].tolist())
+        assert bool(prefix) == (i % 4 >= 2)                                     # the last 2 rollouts of each group
+        response = THINK + exp.columns[i]["solution"]
+        assert response.startswith(prefix) and len(prefix) < len(response)
+
+
+def test_a_hybrid_stage_trains_lora_on_qwen3(qwen3_model_dir, tmp_path):
+    """SFT + LUFFY mixed by CHORD's mu, with LoRA on Qwen3: both terms are logged with their weights, the adapter
+    trains and its export reloads to the live model's logits."""
+    raw = _hybrid(qwen3_model_dir, tmp_path, {"luffy": {}},
+                  {"objectives": {"luffy": 1.0, "sft": 1.0},
+                   "mixer": {"name": "chord", "rl": "luffy", "sft": "sft",
+                             "mu": {"name": "linear", "start": 0.9, "end": 0.1, "steps": 2}}}, lora=LORA)
+    trainer = Trainer(parse_recipe(raw, "test"))
+    trainer.run()
+    got = rows(tmp_path)
+    assert [r["step"] for r in got] == [1, 2]
+    assert [r["mix/sft"] for r in got] == pytest.approx([0.9, 0.5]) and [r["mix/luffy"] for r in got] == \
+        pytest.approx([0.1, 0.5])
+    assert all(math.isfinite(r[k]) for r in got for k in ("loss", "loss/sft", "loss/luffy", "reward/demo_mean"))
+    live = logits_of(trainer.accelerator.unwrap_model(trainer.model))
+    assert not torch.allclose(live, logits_of(AutoModelForCausalLM.from_pretrained(qwen3_model_dir)))
+    assert torch.equal(live, logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "final")))   # the adapter
