@@ -206,6 +206,26 @@ def is_peft(module) -> bool:
     return isinstance(module, PeftModel)
 
 
+def unwrap(model: torch.nn.Module, accelerator=None) -> torch.nn.Module:
+    """The module inside DDP / DeepSpeed / accelerate wrappers (the same object, not a copy). The one place that
+    strips process wrappers; `language_model` then strips the value head, PEFT and the adapter-disabled reference."""
+    if accelerator is not None:
+        return accelerator.unwrap_model(model)
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    return model
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 partitioned parameter (it carries a DeepSpeed id; its local tensor is a shard)."""
+    return hasattr(param, "ds_id")
+
+
+def is_zero3(module: torch.nn.Module) -> bool:
+    """Whether any of `module`'s parameters is ZeRO-3 partitioned."""
+    return any(is_partitioned(p) for p in module.parameters())
+
+
 def language_model(module: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM inside a value-head wrapper, a PEFT model or an adapter-disabled reference (the
     module whose weights, LM head and generation config are the checkpoint's)."""

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from posttrain.experience import Experience
-from posttrain.models import language_model
+from posttrain.models import is_partitioned, language_model, unwrap
 from posttrain.ops.logprobs import head_logprobs, policy_entropy, selective_log_softmax
 
 
@@ -64,11 +64,9 @@ def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, l
 def fusable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The LM head module when the fused path applies to `model` (possibly wrapped: DDP, DeepSpeed, PEFT, value
     head, adapter-disabled reference): a plain nn.Linear whose weight is not ZeRO-3 partitioned; else None."""
-    while hasattr(model, "module"):                                      # DDP, DeepSpeed engine
-        model = model.module
-    lm = language_model(model)
+    lm = language_model(unwrap(model))
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id"):
+    if type(head) is not torch.nn.Linear or is_partitioned(head.weight):
         return None
     return head
 
@@ -97,9 +95,7 @@ def _capture_input(head: torch.nn.Module | None):
 
 def _keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the (unwrapped) model's forward takes transformers' `logits_to_keep`."""
-    while hasattr(model, "module"):                            # DDP, DeepSpeed engine
-        model = model.module
-    return _forward_takes_logits_to_keep(type(language_model(model)))
+    return _forward_takes_logits_to_keep(type(language_model(unwrap(model))))
 
 
 @functools.cache

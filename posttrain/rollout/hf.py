@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.models import eos_token_ids
+from posttrain.models import eos_token_ids, is_zero3, unwrap
 from posttrain.rollout.base import ENGINES, Completion, SamplingConfig, prompt_contexts
 
 
@@ -74,7 +74,7 @@ class HFEngine:
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: HFEngineConfig = HFEngineConfig(), accelerator=None):
         self.model, self.tokenizer, self.config, self.accelerator = model, tokenizer, config, accelerator
-        self.eos_ids = eos_token_ids(tokenizer, _unwrap(model, accelerator))
+        self.eos_ids = eos_token_ids(tokenizer, unwrap(model, accelerator))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig,
@@ -218,25 +218,11 @@ class _StopStrings:
         return torch.tensor([h > 0 for h in self.hit_at], device=input_ids.device)
 
 
-def _unwrap(model: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """The transformers model inside DDP / DeepSpeed / accelerate wrappers (the same object, not a copy)."""
-    if accelerator is not None:
-        return accelerator.unwrap_model(model)
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
-
-
-def _is_zero3(module: torch.nn.Module) -> bool:
-    """ZeRO-3 partitioned parameters carry a DeepSpeed id."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 @contextlib.contextmanager
 def _generation_module(model, accelerator, zero3_gather: bool) -> Iterator[tuple[torch.nn.Module, bool]]:
     """(module to call generate on, synced_gpus) with the full weights usable for generation."""
-    module = _unwrap(model, accelerator)
-    if not _is_zero3(module):
+    module = unwrap(model, accelerator)
+    if not is_zero3(module):
         yield module, False
         return
     if not zero3_gather:

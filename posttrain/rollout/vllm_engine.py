@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.models import eos_token_ids, is_peft, language_model
+from posttrain.models import eos_token_ids, is_partitioned, is_peft, language_model, unwrap
 from posttrain.rollout.base import ENGINE_REQUIREMENTS, ENGINES, Completion, SamplingConfig, prompt_contexts
 
 INSTALL_HINT = (
@@ -288,15 +288,6 @@ def _read_safetensors(path: str) -> Iterator[tuple[str, Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------- shared with vllm-server
-def unwrap(model: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """The module inside DDP / DeepSpeed / accelerate wrappers (the same object, not a copy)."""
-    if accelerator is not None:
-        return accelerator.unwrap_model(model)
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
-        model = model.module
-    return model
-
-
 @dataclass
 class WeightEntry:
     """One HF-named weight vLLM receives: a parameter, plus LoRA deltas to add when it is an adapted base weight."""
@@ -388,7 +379,7 @@ def iter_weights(entries: list[WeightEntry]) -> Iterator[tuple[str, Tensor]]:
     """(HF name, tensor) pairs; ZeRO-3 parameters are gathered one entry at a time and copied before release."""
     for entry in entries:
         params = entry.gather_params()
-        zero3 = [p for p in params if hasattr(p, "ds_id")]
+        zero3 = [p for p in params if is_partitioned(p)]
         if not zero3:
             yield entry.name, entry.value()
             continue

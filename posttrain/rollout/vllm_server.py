@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.configlib import build, field_doc, require
-from posttrain.models import eos_token_ids
+from posttrain.models import eos_token_ids, is_partitioned, unwrap
 from posttrain.rollout.base import ENGINE_REQUIREMENTS, ENGINES, Completion, SamplingConfig, prompt_contexts
 from posttrain.rollout.vllm_engine import (
     completion_logprobs,
@@ -44,7 +44,6 @@ from posttrain.rollout.vllm_engine import (
     import_vllm,
     iter_weights,
     require_vllm,
-    unwrap,
     weight_entries,
 )
 
@@ -153,7 +152,7 @@ class VLLMServerEngine:
             metadata = [(e.name, str(e.dtype).removeprefix("torch."), e.shape) for e in entries]
             self.client.update_named_params(metadata, iter_weights(entries))
             self.client.reset_prefix_cache()
-        elif any(hasattr(p, "ds_id") for e in entries for p in e.gather_params()):
+        elif any(is_partitioned(p) for e in entries for p in e.gather_params()):
             for _ in iter_weights(entries):   # take part in the ZeRO-3 gathers (collectives)
                 pass
         if self.accelerator is not None:
