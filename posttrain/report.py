@@ -82,6 +82,8 @@ def _run_of(rows: list[dict], label: str, path: Path) -> Run:
         if "stage" in row:
             s = stages.setdefault(int(row["stage"]), {"index": int(row["stage"]), "first_step": step, "start": None})
             s["last_step"] = step
+            if isinstance(row.get("stage_name"), str):                     # in the stage's header row
+                s["name"] = row["stage_name"]
             if "time" in row:
                 s["start"] = row["time"] if s["start"] is None else s["start"]
                 s["end"] = row["time"]
@@ -165,7 +167,8 @@ def summary(runs: list[Run], figures: dict[str, Path]) -> str:
     for r in runs:
         for s in r.stages:
             wall = _duration(s["end"] - s["start"]) if s.get("start") is not None else "?"
-            lines.append(f"| {r.label} | {s['index']} | {s['first_step']}..{s['last_step']} | {wall} |")
+            stage = f"{s['index']} ({s['name']})" if "name" in s else f"{s['index']}"
+            lines.append(f"| {r.label} | {stage} | {s['first_step']}..{s['last_step']} | {wall} |")
     lines += _time_split(runs)
     lines += ["", "## Figures", ""] + [f"![{g}]({p.name})" for g, p in figures.items()]
     return "\n".join(lines) + "\n"

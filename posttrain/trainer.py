@@ -45,6 +45,7 @@ from posttrain.mixers import Mixer, MixPlan, StepReport, build_mixer
 from posttrain.models import (
     AdapterDisabledReference,
     frozen_copy,
+    is_zero3,
     load_model,
     load_tokenizer,
     resolve_model_path,
@@ -71,11 +72,21 @@ def make_accelerator(recipe: Recipe, mixed_precision: str = "no"):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "LOCAL_RANK" not in os.environ:   # accelerate would set up one process; each would train alone
+        raise ConfigError(f"WORLD_SIZE is {world} but LOCAL_RANK is not set, so the processes would not form a group "
+                          "(each would train alone on all the data into the same run directory); start them with "
+                          "`accelerate launch` (on CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                          "--num_processes N), torchrun or the DeepSpeed launcher, which set it")
     # Several CPU processes talk over gloo (DeepSpeed through accelerate needs it named explicitly).
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    return Accelerator(log_with=list(recipe.logging.report_to) or None, project_dir=recipe.output_dir,
-                       mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not torch.cuda.is_available() else []
+    acc = Accelerator(log_with=list(recipe.logging.report_to) or None, project_dir=recipe.output_dir,
+                      mixed_precision=mixed_precision, kwargs_handlers=handlers)
+    if acc.num_processes != world:
+        raise ConfigError(f"the launcher started {world} process(es) (WORLD_SIZE) but accelerate set up "
+                          f"{acc.num_processes}; on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                          "--num_processes N (`--cpu --num_processes N` starts one)")
+    return acc
 
 
 @dataclass
@@ -165,7 +176,8 @@ class Trainer:
             acc.load_state(str(self.resume_from))
             run.scheduler.load_state_dict(self.state.scheduler)
             self.resume_from = None
-        self.log.stage_header(index, {f"data/{k}": v for k, v in run.data_stats.items()}, self.state.global_step)
+        self.log.stage_header(index, {"stage_name": stage.name, **{f"data/{k}": v for k, v in run.data_stats.items()}},
+                              self.state.global_step)
         bar = Progress(acc.is_main_process and self.recipe.logging.progress_bar, run.total_steps, self.state.step,
                        f"{stage.name}")
         metrics: dict = {}
@@ -295,7 +307,7 @@ class Trainer:
     def frozen_reference(self, backbone: torch.nn.Module) -> torch.nn.Module:
         """A frozen full copy of the policy on every process; under ZeRO-3 gathered from its shards (the copy is not
         sharded: each process holds the whole reference)."""
-        if not any(hasattr(p, "ds_id") for p in backbone.parameters()):
+        if not is_zero3(backbone):
             return frozen_copy(backbone).to(self.accelerator.device)
         import deepspeed
         from transformers import AutoModelForCausalLM

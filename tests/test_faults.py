@@ -434,3 +434,17 @@ def test_failure_report_is_one_line_naming_the_rank(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert report_failure(ConfigError("recipe.yaml: optim.lr: expected a number"), debug=False) == 2
     assert capsys.readouterr().err == "posttrain: error: recipe.yaml: optim.lr: expected a number\n"
+
+
+def test_a_launch_that_sets_world_size_without_a_process_group_stops(tiny_model_dir, tmp_path):
+    """WORLD_SIZE=2 but no process group for accelerate (no LOCAL_RANK: a hand-rolled srun line): each process would
+    train alone on all the data into the same run directory. It stops before the model loads, saying how to launch."""
+    recipe = _recipe_file(tmp_path, tiny_model_dir, tmp_path / "run")
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "train", str(recipe)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "posttrain: error: WORLD_SIZE is 2 but LOCAL_RANK is not set, so the processes would not form a group" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run/checkpoints").exists() and not (tmp_path / "run/final").exists()

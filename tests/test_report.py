@@ -61,7 +61,7 @@ def test_report_of_an_rl_run_and_an_sft_run(tiny_model_dir, tmp_path, capsys):
     best = max(accuracy)
     assert f"| rl | {accuracy[-1]:.4f} (5) | {best:.4f} ({3 if accuracy[0] == best else 5}) |" in md
     assert "| sft | not evaluated | |" in md
-    assert "| rl | 0 | 0..3 |" in md and "| rl | 1 | 3..5 |" in md and "| sft | 0 | 0..3 |" in md
+    assert "| rl | 0 (sft) | 0..3 |" in md and "| rl | 1 (grpo) | 3..5 |" in md and "| sft | 0 (sft) | 0..3 |" in md
     assert md.count("| rl | ") == 5 and "![time](time.png)" in md                 # runs, eval, 2 stages, time split
 
 
