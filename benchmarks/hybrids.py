@@ -178,7 +178,7 @@ def write_reports(results: list[dict], out: Path, args) -> None:
         runs = [r for r in results if r["method"] == method]
         if not runs:
             continue
-        row = {"method": method, "seeds": len(runs), "steps": statistics.mean(r["steps"] for r in runs)}
+        row = {"method": method, "seeds": len(runs), "steps": round(statistics.mean(r["steps"] for r in runs))}
         for key in ("acc_id", "acc_ood_long", "acc_ood_ops", "pass8_id", "entropy"):
             vals = [r[key] for r in runs]
             row[key] = f"{statistics.mean(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})"
@@ -197,14 +197,16 @@ def plot(results: list[dict], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for method in args.methods:
+    colors = plt.get_cmap("tab20").colors                            # 11 methods: more than the default 10 colours
+    for i, method in enumerate(args.methods):
         runs = [r for r in results if r["method"] == method and r["curve"]]
         if not runs:
             continue
         n = min(len(r["curve"]) for r in runs)                       # points all seeds reached
         xs = [statistics.mean(r["curve"][i][0] for r in runs) for i in range(n)]
         ys = [statistics.mean(r["curve"][i][2] for r in runs) for i in range(n)]
-        ax.plot([0.0] + xs, [args.warmup_accuracy] + ys, marker="o", markersize=3, label=method)
+        ax.plot([0.0] + xs, [args.warmup_accuracy] + ys, marker="os^"[i % 3], markersize=3, label=method,
+                color=colors[(2 * i) % 20 + (2 * i) // 20], linestyle="-" if method in ("sft", "grpo") else "--")
     ax.set_xlabel("training CPU minutes (one thread)")
     ax.set_ylabel("greedy accuracy, 200 held-out 3-step chains")
     ax.set_title(f"From one SFT warm-up; mean of {len(args.seeds)} seeds")
