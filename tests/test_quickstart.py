@@ -14,7 +14,7 @@ from conftest import REPO, read_metrics
 
 
 @pytest.mark.slow
-def test_quickstart_sft_then_grpo_raises_reward_and_accuracy(tmp_path, capsys):
+def test_quickstart_sft_then_grpo_raises_reward_and_accuracy(tmp_path, capsys, one_thread):
     out = tmp_path / "quickstart"
     recipe = load_recipe(REPO / "recipes/quickstart.yaml",
                          [f"output_dir={out}", "train.log_every=1", "logging.progress_bar=false",

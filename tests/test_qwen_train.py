@@ -28,11 +28,8 @@ IDS = torch.tensor([[151644, 872, 198, 17, 10, 17, 30, 151645, 198, 151644, 7709
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs with one intra-op thread (conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")

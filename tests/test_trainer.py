@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_end_to_end_learns(tiny_model_dir, tmp_path):
+def test_tiny_end_to_end_learns(tiny_model_dir, tmp_path, one_thread):
     """1-digit addition: the loss falls and held-out greedy accuracy passes a threshold."""
     recipe = sft_recipe(tiny_model_dir, tmp_path / "e2e", steps=250, overrides=[
         "train.batch_size=32", "train.micro_batch_size=32", "optim.lr=3e-3", "train.log_every=25",
