@@ -7,7 +7,8 @@ Settings, the same for every framework: random-init tiny Qwen2 (posttrain.tiny, 
 2-digit 3-step arithmetic (task:arithmetic digits=2 num_ops=3, ops +-), AdamW lr 1e-4 without weight decay,
 gradient clipping 1.0, float32. SFT: batch 32, loss on the completion tokens. GRPO: 4 prompts x 8 samples,
 temperature 1, 32 new tokens, beta 0, one update per batch (32 sequences), reward `exact`. TRL's configs turn
-gradient checkpointing on by default; it is turned off here, as posttrain does not checkpoint.
+gradient checkpointing on by default; it is turned off here, as posttrain does not checkpoint
+(`--trl-checkpointing` keeps TRL's default).
 
 Each (size, method, framework) is a whole separate process; within a repetition the frameworks of one cell run one
 after the other, their order rotated between repetitions (interleaved). A process times the wall clock between the
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 WARM = 2                       # step intervals dropped at the start of every process
 LR, BATCH, PROMPTS, GROUP, NEW_TOKENS, MAX_LENGTH = 1e-4, 32, 4, 8, 32, 128
+TRL_CHECKPOINTING = os.environ.get("VS_TRL_CHECKPOINTING") == "1"   # TRL's own default is on; posttrain's is off
 TASK = {"digits": 2, "num_ops": 3, "ops": "+-"}
 SIZES = {"128x2": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512},
          "512x4": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 2,
@@ -93,7 +95,7 @@ def worker_sft_trl(model_dir: str, steps: int, out: str) -> None:
                        weight_decay=0.0, adam_beta2=0.95, lr_scheduler_type="constant", max_grad_norm=1.0,
                        max_length=MAX_LENGTH, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
                        logging_steps=1000, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                       gradient_checkpointing=False)
+                       gradient_checkpointing=TRL_CHECKPOINTING)
     ends: list[tuple[float, float]] = []
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=config, train_dataset=data,
                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[trl_step_clock(ends)])
@@ -119,7 +121,8 @@ def worker_grpo_trl(model_dir: str, steps: int, out: str) -> None:
                         num_generations=GROUP, max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0,
                         learning_rate=LR, weight_decay=0.0, adam_beta2=0.95, lr_scheduler_type="constant",
                         max_grad_norm=1.0, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                        logging_steps=1000, disable_tqdm=True, seed=0, gradient_checkpointing=False)
+                        logging_steps=1000, disable_tqdm=True, seed=0,
+                        gradient_checkpointing=TRL_CHECKPOINTING)
     ends: list[tuple[float, float]] = []
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[exact_reward],
                           args=config, train_dataset=data, processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -229,8 +232,9 @@ def build_models(sizes: list[str], cache: Path) -> dict[str, Path]:
     return out
 
 
-def spawn(kind: str, model: Path, steps: int, threads: int) -> dict:
+def spawn(kind: str, model: Path, steps: int, threads: int, trl_checkpointing: bool) -> dict:
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+                        "VS_TRL_CHECKPOINTING": "1" if trl_checkpointing else "0",
                         "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--steps", str(steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
@@ -292,6 +296,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every worker")
     p.add_argument("--sizes", default="128x2,512x4")
     p.add_argument("--methods", default="sft,grpo")
+    p.add_argument("--trl-checkpointing", action="store_true", help="TRL with its default gradient checkpointing")
     p.add_argument("--skip", default="", help="frameworks to leave out, e.g. posttrain-packed")
     p.add_argument("--out", default="/tmp/vs-trl", help="where the models are built (kept between calls)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -305,14 +310,16 @@ def main() -> None:
     reps, steps = (1, STEPS["quick"]) if args.quick else (args.reps, STEPS["full"])
     models = build_models(sizes, Path(args.out))
     started, results = time.time(), {}
-    print(f"threads per process {args.threads}; {reps} repetition(s); start: {uptime()}", flush=True)
+    print(f"threads per process {args.threads}; {reps} repetition(s); TRL gradient checkpointing "
+          f"{'on' if args.trl_checkpointing else 'off'}; start: {uptime()}", flush=True)
     for rep in range(reps):
         for size in sizes:
             for method in methods:
                 names = [fw for fw in FRAMEWORKS[method] if fw not in args.skip.split(",")]
                 order = names[rep % len(names):] + names[:rep % len(names)]
                 for fw in order:
-                    r = spawn(f"{method}-{fw}", models[size], steps[(size, method)], args.threads)
+                    r = spawn(f"{method}-{fw}", models[size], steps[(size, method)], args.threads,
+                              args.trl_checkpointing)
                     results.setdefault((size, method, fw), []).append(r)
                     print(f"  rep {rep} {size} {method} {fw}: {r['median_s']:.3f} s/step, {r['cpu_s']:.3f} CPU "
                           f"s/step, {r['peak_rss_mb']:.0f} MB", flush=True)
