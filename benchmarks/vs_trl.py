@@ -131,11 +131,11 @@ def worker_grpo_trl(model_dir: str, steps: int, out: str) -> None:
     report(ends)
 
 
-def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: bool = False):
+def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: bool = False, micro: int = BATCH):
     from posttrain.config import parse_recipe
 
     n = BATCH * (steps + 1) if method == "sft" else PROMPTS * (steps + 1)
-    train = {"steps": steps, "batch_size": BATCH, "micro_batch_size": BATCH, "log_every": 1}
+    train = {"steps": steps, "batch_size": BATCH, "micro_batch_size": micro, "log_every": 1}
     if packed:
         train["padding_free"] = True
     raw = {"output_dir": out, "seed": 0, "model": {"path": model_dir},
