@@ -2,6 +2,7 @@
 (4 prompts x 8 samples, 32 new tokens, temperature 1), interleaved in one process:
 
     engine        HFEngine.generate (transformers generate + posttrain's sampler, log-probs, EOS bookkeeping)
+    engine shared_prefill   the same with engine_args shared_prefill: each prompt's forward once per group
     bare loop     the model's forward with a DynamicCache, one token per step, multinomial sampling from
                   softmax(z), no log-probs, no stopping: the cost of the arithmetic plus the model's own Python
     prefill+1     one forward over the prompts and one decode step: the fixed part
@@ -43,13 +44,13 @@ def bare_loop(model, contexts: list[list[int]], new_tokens: int, pad: int, steps
     position = (mask.cumsum(-1) - 1).clamp(min=0)                                             # [B, S]
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        z = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+        z = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
                   use_cache=True, logits_to_keep=1).logits[:, -1]                             # [B, V]
         for _ in range(min(steps, new_tokens) - 1):
             token = torch.multinomial(torch.softmax(z.float(), -1), 1)                        # [B, 1]
             mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
             position = position[:, -1:] + 1
-            z = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+            z = model(input_ids=token, attention_mask=mask, position_ids=position, cache=cache,
                       use_cache=True).logits[:, -1]
 
 
@@ -63,10 +64,12 @@ def measure(model_dir: str, repeats: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     engine = HFEngine(model, tokenizer, HFEngineConfig(batch_size=vs_trl.PROMPTS))
+    shared = HFEngine(model, tokenizer, HFEngineConfig(batch_size=vs_trl.PROMPTS, shared_prefill=True))
     ps = prompts(model_dir, tokenizer)
     contexts = [p for p in ps for _ in range(vs_trl.GROUP)]
     sampling = SamplingConfig(n=vs_trl.GROUP, temperature=1.0, max_new_tokens=vs_trl.NEW_TOKENS)
     runs = {"engine": lambda: engine.generate(ps, sampling),
+            "engine shared_prefill": lambda: shared.generate(ps, sampling),
             "bare loop": lambda: bare_loop(model, contexts, vs_trl.NEW_TOKENS, tokenizer.pad_token_id, 10**6),
             "prefill+1": lambda: bare_loop(model, contexts, vs_trl.NEW_TOKENS, tokenizer.pad_token_id, 2)}
     times = {name: ([], []) for name in runs}
@@ -83,7 +86,7 @@ def measure(model_dir: str, repeats: int) -> None:
     print(f"{Path(model_dir).name}: engine completions average {statistics.mean(generated):.1f} tokens of "
           f"{vs_trl.NEW_TOKENS}")
     for name, (wall, cpu) in times.items():
-        print(f"  {name:10s} {statistics.median(wall):.3f} s wall, {statistics.median(cpu):.3f} s CPU per call")
+        print(f"  {name:22s} {statistics.median(wall):.3f} s wall, {statistics.median(cpu):.3f} s CPU per call")
 
 
 def main() -> None:

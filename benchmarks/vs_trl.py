@@ -19,6 +19,7 @@ printed before and after every repetition: other load on the machine slows every
 
 Workers (what the parent starts; also usable alone):
     python benchmarks/vs_trl.py --worker sft-trl|sft-posttrain|sft-posttrain-packed|sft-bare|grpo-trl|grpo-posttrain
+                                |grpo-posttrain-shared
                                 --model DIR --steps N
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ TASK = {"digits": 2, "num_ops": 3, "ops": "+-"}
 SIZES = {"128x2": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512},
          "512x4": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 2,
                    "intermediate_size": 2048}}
-FRAMEWORKS = {"sft": ["trl", "posttrain", "posttrain-packed", "bare"], "grpo": ["trl", "posttrain"]}
+FRAMEWORKS = {"sft": ["trl", "posttrain", "posttrain-packed", "bare"], "grpo": ["trl", "posttrain", "posttrain-shared"]}
 STEPS = {"full": {("128x2", "sft"): 24, ("128x2", "grpo"): 14, ("512x4", "sft"): 10, ("512x4", "grpo"): 8},
          "quick": {("128x2", "sft"): 10, ("128x2", "grpo"): 7, ("512x4", "sft"): 5, ("512x4", "grpo"): 5}}
 
@@ -131,7 +132,8 @@ def worker_grpo_trl(model_dir: str, steps: int, out: str) -> None:
     report(ends)
 
 
-def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: bool = False, micro: int = BATCH):
+def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: bool = False, micro: int = BATCH,
+                     shared: bool = False):
     from posttrain.config import parse_recipe
 
     n = BATCH * (steps + 1) if method == "sft" else PROMPTS * (steps + 1)
@@ -144,7 +146,7 @@ def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: 
            "objectives": {"sft": {"aggregation": "token_mean"}, "grpo": {"beta": 0.0}},
            "train": train, "optim": {"lr": LR, "weight_decay": 0.0, "max_grad_norm": 1.0},
            "schedule": {"name": "constant", "warmup_steps": 0},
-           "rollout": {"engine": "hf", "engine_args": {"batch_size": PROMPTS},
+           "rollout": {"engine": "hf", "engine_args": {"batch_size": PROMPTS, "shared_prefill": shared},
                        "sampling": {"n": GROUP, "temperature": 1.0, "max_new_tokens": NEW_TOKENS},
                        "prompts_per_step": PROMPTS, "num_iterations": 1},
            "rewards": [{"name": "exact"}], "logging": {"report_to": [], "progress_bar": False},
@@ -152,7 +154,8 @@ def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: 
     return parse_recipe(raw, "benchmarks/vs_trl.py")
 
 
-def worker_posttrain(model_dir: str, steps: int, out: str, method: str, packed: bool = False) -> None:
+def worker_posttrain(model_dir: str, steps: int, out: str, method: str, packed: bool = False,
+                     shared: bool = False) -> None:
     from posttrain import trainer as trainer_module
 
     ends, tokens = [], []
@@ -165,7 +168,7 @@ def worker_posttrain(model_dir: str, steps: int, out: str, method: str, packed: 
         return metrics
 
     trainer_module.Trainer.train_step = timed_step
-    trainer_module.train(posttrain_recipe(model_dir, steps, out, method, packed))
+    trainer_module.train(posttrain_recipe(model_dir, steps, out, method, packed, shared=shared))
     report(ends, tokens if method == "sft" else None)
 
 
@@ -211,6 +214,7 @@ def run_worker(kind: str, model_dir: str, steps: int) -> None:
                    "sft-posttrain": lambda: worker_posttrain(model_dir, steps, out, "sft"),
                    "sft-posttrain-packed": lambda: worker_posttrain(model_dir, steps, out, "sft", packed=True),
                    "grpo-posttrain": lambda: worker_posttrain(model_dir, steps, out, "grpo"),
+                   "grpo-posttrain-shared": lambda: worker_posttrain(model_dir, steps, out, "grpo", shared=True),
                    "sft-bare": lambda: worker_sft_bare(model_dir, steps, out)}
         workers[kind]()
 
@@ -266,14 +270,16 @@ def rss_ratio(results: dict, size: str, method: str) -> str:
 def table(results: dict, sizes: list[str], key: str) -> str:
     """The issue's table for one figure: `median_s` (wall seconds per step) or `cpu_s` (CPU seconds per step)."""
     rows = ["| model | SFT s/step TRL / posttrain (x) | GRPO s/step TRL / posttrain (x) | bare loop SFT s/step | "
-            "posttrain padding-free SFT s/step | peak RSS posttrain / TRL: SFT, GRPO |", "|---|---|---|---|---|---|"]
+            "posttrain padding-free SFT s/step | posttrain shared-prefill GRPO s/step | "
+            "peak RSS posttrain / TRL: SFT, GRPO |", "|---|---|---|---|---|---|---|"]
     for size in sizes:
-        extra = [f"{cell(results, size, 'sft', fw, key):.3f}" if (size, "sft", fw) in results else "-"
-                 for fw in ("bare", "posttrain-packed")]
+        extra = [f"{cell(results, size, m, fw, key):.3f}" if (size, m, fw) in results else "-"
+                 for m, fw in (("sft", "bare"), ("sft", "posttrain-packed"), ("grpo", "posttrain-shared"))]
         rss = [rss_ratio(results, size, m) for m in ("sft", "grpo")]
         h, n = SIZES[size]["hidden_size"], SIZES[size]["num_layers"]
         rows.append(f"| hidden {h}, {n} layers | {ratio_text(results, size, 'sft', key)} | "
-                    f"{ratio_text(results, size, 'grpo', key)} | {extra[0]} | {extra[1]} | {', '.join(rss)} |")
+                    f"{ratio_text(results, size, 'grpo', key)} | {extra[0]} | {extra[1]} | {extra[2]} | "
+                    f"{', '.join(rss)} |")
     return "\n".join(rows)
 
 
