@@ -356,7 +356,8 @@ def test_config_registry_and_validation(tiny, capsys):
 
     assert "hf" in ENGINES
     assert main(["list"]) == 0 and "  hf" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match=r"rollout\.bach_size: unknown key; allowed keys here: batch_size, zero3_g"):
+    with pytest.raises(ConfigError, match=r"rollout\.bach_size: unknown key; allowed keys here: batch_size, "
+                                         r"shared_prefill, zero3_g"):
         ENGINES.get("hf")(tiny["model"], tiny["tok"], {"bach_size": 8})
     with pytest.raises(ConfigError, match=r"rollout\.batch_size: must be >= 1"):
         ENGINES.get("hf")(tiny["model"], tiny["tok"], {"batch_size": 0})
