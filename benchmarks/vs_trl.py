@@ -19,7 +19,7 @@ printed before and after every repetition: other load on the machine slows every
 
 Workers (what the parent starts; also usable alone):
     python benchmarks/vs_trl.py --worker sft-trl|sft-posttrain|sft-posttrain-packed|sft-bare|grpo-trl|grpo-posttrain
-                                |grpo-posttrain-shared
+                                |grpo-posttrain-shared|grpo-posttrain-mb8|sft-posttrain-mb8 (micro-batches of 8)
                                 --model DIR --steps N
 """
 from __future__ import annotations
@@ -155,7 +155,7 @@ def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: 
 
 
 def worker_posttrain(model_dir: str, steps: int, out: str, method: str, packed: bool = False,
-                     shared: bool = False) -> None:
+                     shared: bool = False, micro: int = BATCH) -> None:
     from posttrain import trainer as trainer_module
 
     ends, tokens = [], []
@@ -168,7 +168,7 @@ def worker_posttrain(model_dir: str, steps: int, out: str, method: str, packed: 
         return metrics
 
     trainer_module.Trainer.train_step = timed_step
-    trainer_module.train(posttrain_recipe(model_dir, steps, out, method, packed, shared=shared))
+    trainer_module.train(posttrain_recipe(model_dir, steps, out, method, packed, micro, shared))
     report(ends, tokens if method == "sft" else None)
 
 
@@ -215,6 +215,8 @@ def run_worker(kind: str, model_dir: str, steps: int) -> None:
                    "sft-posttrain-packed": lambda: worker_posttrain(model_dir, steps, out, "sft", packed=True),
                    "grpo-posttrain": lambda: worker_posttrain(model_dir, steps, out, "grpo"),
                    "grpo-posttrain-shared": lambda: worker_posttrain(model_dir, steps, out, "grpo", shared=True),
+                   "grpo-posttrain-mb8": lambda: worker_posttrain(model_dir, steps, out, "grpo", micro=8),
+                   "sft-posttrain-mb8": lambda: worker_posttrain(model_dir, steps, out, "sft", micro=8),
                    "sft-bare": lambda: worker_sft_bare(model_dir, steps, out)}
         workers[kind]()
 
