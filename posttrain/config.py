@@ -89,6 +89,10 @@ class TrainConfig:
         "stop", "a NaN or inf loss or gradient: stop with an error naming the step, the objective and the micro-batch, "
                 "or skip that optimizer step (no update; counted as train/skipped_nonfinite)")
     max_nonfinite_skips: int = field_doc(3, "with nonfinite: skip, this many consecutive skipped steps stop the run")
+    padding_free: bool = field_doc(
+        False, "run the policy's training forward on the real tokens only: each micro-batch's sequences packed "
+               "end to end into fewer rows with their own position ids (posttrain/ops/packing.py); the same loss "
+               "and gradients as the padded batch, without computing on padding")
     budget_clock: Literal["wall", "cpu"] = field_doc(
         "wall", "what max_minutes counts: wall time, or this process's CPU time (user + system), a budget that other "
                 "load on a shared machine does not eat; the stage logs it as budget/minutes")

@@ -24,6 +24,7 @@ from torch import Tensor
 from posttrain.experience import Experience
 from posttrain.models import is_partitioned, language_model, unwrap
 from posttrain.ops.logprobs import head_logprobs, policy_entropy, selective_log_softmax
+from posttrain.ops.packing import pack, plan_packing, unpack
 
 
 @dataclass
@@ -36,25 +37,34 @@ class PolicyOutput:
 
 
 def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, logprobs: bool = True,
-            logits: bool = False, entropy: bool = False) -> PolicyOutput:
+            logits: bool = False, entropy: bool = False, padding_free: bool = False) -> PolicyOutput:
     """Teacher-forced pass. `temperature` T scales the logits, z / T, so that RL objectives score the sampled tokens
     under the distribution they were drawn from (the rollout's sampling temperature; T = 1 for demonstrations).
 
     The LM head sees positions 0..T-2 only (`logits_to_keep`, when the model takes it): the last position predicts
     nothing. `logits=True` materialises the [B, L, V] logits (see the module docstring); `logprobs=False` skips the
-    target log-probabilities (a reference model whose logits are all that is read); `entropy` adds H per position."""
+    target log-probabilities (a reference model whose logits are all that is read); `entropy` adds H per position.
+    `padding_free` runs the model on the real tokens only, packed into fewer rows with per-sequence position ids
+    (ops/packing.py), and puts every output back at its padded place: the same outputs, no work on padding."""
     length = exp.input_ids.shape[1] - 1                                  # L = T - 1
-    kwargs = {"logits_to_keep": torch.arange(length, device=exp.input_ids.device)} if _keeps_logits(model) else {}
     head = None if logits else fusable_head(model)
+    packing = plan_packing(exp.attention_mask) if padding_free else None
+    if packing is None:
+        keep = {"logits_to_keep": torch.arange(length, device=exp.input_ids.device)} if _keeps_logits(model) else {}
+        inputs = {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask, **keep}
+    else:                     # [R, P]; no mask: transformers masks each sequence found from its position ids
+        inputs = {"input_ids": pack(exp.input_ids, packing), "position_ids": packing.position_ids}
+    restore = (lambda y: y) if packing is None else (lambda y: unpack(y, packing))   # [R, P, ...] -> [B, T, ...]
     with _capture_input(head) as seen:
-        out = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, use_cache=False, **kwargs)
+        out = model(**inputs, use_cache=False)
     values = out.get("values") if hasattr(out, "get") else getattr(out, "values", None)  # [B, T or L] value head
-    values = values[:, :length] if isinstance(values, torch.Tensor) else None  # (ModelOutput.values is the dict method)
+    values = restore(values)[:, :length] if isinstance(values, torch.Tensor) else None   # (ModelOutput.values: method)
     if head is not None:
-        hidden = seen[0][:, :length]                                     # [B, L, H] the LM head's input
+        hidden = restore(seen[0])[:, :length]                            # [B, L, H] the LM head's input
         lp, ent = head_logprobs(hidden, head.weight, head.bias, exp.targets, temperature, entropy)
         return PolicyOutput(logits=None, logprobs=lp if logprobs else None, values=values, entropy=ent)
-    z = out.logits if out.logits.shape[1] == length else out.logits[:, :length]   # [B, L, V]
+    z = restore(out.logits)
+    z = z if z.shape[1] == length else z[:, :length]                     # [B, L, V]
     if temperature != 1.0:
         z = z / temperature                                              # z / T
     return PolicyOutput(logits=z, logprobs=selective_log_softmax(z, exp.targets) if logprobs else None,

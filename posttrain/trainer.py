@@ -517,7 +517,8 @@ class Trainer:
             mb.ref_logprobs = ref_out.logprobs
             mb.ref_logits = ref_out.logits
         needs = frozenset().union(*(run.objectives[n].needs for n in run.reading(source, weights)))
-        out = forward(self.model, mb, run.temperature(source), logits="logits" in needs, entropy="entropy" in needs)
+        out = forward(self.model, mb, run.temperature(source), logits="logits" in needs, entropy="entropy" in needs,
+                      padding_free=run.cfg.train.padding_free)
         total, parts = 0.0, {}
         for name in run.reading(source, weights):
             objective = run.objectives[name]

@@ -111,6 +111,28 @@ def test_logprobs_equal_teacher_forcing(tiny, temperature):
         assert max(abs(a - b) for a, b in zip(c.logprobs, c.raw_logprobs)) > 1e-2
 
 
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_shared_prefill_equals_per_sample_prefill_and_teacher_forcing(tiny, prefixed):
+    """shared_prefill: each prompt's KV cache computed once per group of n: the same tokens, log-probs within float
+    noise of the unshared engine's, and equal to teacher forcing (left-padded rows of different lengths)."""
+    prompts = tiny["prompts"]
+    prefixes = [tiny["items"][i].input_ids[len(prompts[i]):][:k] for i, k in enumerate([0, 2, 1, 3, 0, 4])] \
+        if prefixed else None
+    sampling = SamplingConfig(n=3, temperature=0.9, max_new_tokens=20, seed=7)
+    shared = engine(tiny, batch_size=4, shared_prefill=True).generate(prompts, sampling, prefixes=prefixes)
+    plain = engine(tiny, batch_size=4).generate(prompts, sampling, prefixes=prefixes)
+    for i, (a, b) in enumerate(zip(shared, plain)):
+        assert [c.token_ids for c in a] == [c.token_ids for c in b]
+        for c, d in zip(a, b):
+            check_shapes(c)
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(d.logprobs), atol=1e-5, rtol=0)
+            context = prompts[i] + (prefixes[i] if prefixed else [])
+            torch.testing.assert_close(torch.tensor(c.logprobs), teacher_forced(tiny["model"], context, c.token_ids,
+                                                                                0.9), atol=TOL, rtol=0)
+            torch.testing.assert_close(torch.tensor(c.raw_logprobs), teacher_forced(tiny["model"], context,
+                                                                                    c.token_ids), atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (4, 0.6)])
 def test_top_k_top_p_logprobs_are_the_renormalised_truncated_distribution(tiny, top_k, top_p):
     prompts = tiny["prompts"][:3]
@@ -334,7 +356,8 @@ def test_config_registry_and_validation(tiny, capsys):
 
     assert "hf" in ENGINES
     assert main(["list"]) == 0 and "  hf" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match=r"rollout\.bach_size: unknown key; allowed keys here: batch_size, zero3_g"):
+    with pytest.raises(ConfigError, match=r"rollout\.bach_size: unknown key; allowed keys here: batch_size, "
+                                         r"shared_prefill, zero3_g"):
         ENGINES.get("hf")(tiny["model"], tiny["tok"], {"bach_size": 8})
     with pytest.raises(ConfigError, match=r"rollout\.batch_size: must be >= 1"):
         ENGINES.get("hf")(tiny["model"], tiny["tok"], {"batch_size": 0})

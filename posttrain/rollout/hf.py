@@ -59,6 +59,10 @@ class HFEngineConfig:
 
     batch_size: int = field_doc(64, "prompts per transformers generate call; each call decodes batch_size * n "
                                     "sequences, left-padded to the longest prompt (+ prefix) of the chunk")
+    shared_prefill: bool = field_doc(False, "run each prompt's forward once per group, not once per sample: the "
+                                            "prompts' KV cache is computed for the chunk's distinct prompts and "
+                                            "repeated n times (same tokens and log-probs; off under ZeRO-3 "
+                                            "without zero3_gather)")
     zero3_gather: bool = field_doc(True, "DeepSpeed ZeRO-3 only: gather all weights once per generate call (fast; "
                                          "each GPU holds the full model meanwhile); false: fetch layer by layer at "
                                          "every forward (slow, little memory)")
@@ -94,14 +98,15 @@ class HFEngine:
                 for start in range(0, len(contexts), step):
                     rows = [i for i in range(start, min(start + step, len(contexts))) for _ in range(sampling.n)]
                     chunk = self._generate_rows(module, [contexts[i] for i in rows], sampling, generator, device,
-                                                synced)
+                                                synced, sampling.n)
                     for i, completion in zip(rows, chunk):
                         completion.prompt_index = i
                         results[i].append(completion)
         return results
 
     def _generate_rows(self, module, contexts: list[list[int]], sampling: SamplingConfig, generator,
-                       device: torch.device, synced_gpus: bool) -> list[Completion]:
+                       device: torch.device, synced_gpus: bool, group: int = 1) -> list[Completion]:
+        """Sample one completion per context; `group` consecutive contexts are the same prompt (+ prefix)."""
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         width = max(len(c) for c in contexts)
@@ -114,10 +119,13 @@ class HFEngine:
         stops = _StopStrings(self.tokenizer, sampling.stop, width, self.eos_ids) if sampling.stop else None
         gen_config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=sampling.max_new_tokens,
                                       eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True)
-        out = module.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                              generation_config=gen_config, logits_processor=LogitsProcessorList([sampler]),
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        shared = self.config.shared_prefill and group > 1 and not synced_gpus and width > 1
+        cache = {"cache": _shared_prefill(module, input_ids, attention, group)} if shared else {}
+        out = module.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_config,
+                              logits_processor=LogitsProcessorList([sampler]),
                               stopping_criteria=StoppingCriteriaList([stops] if stops else []),
-                              synced_gpus=synced_gpus)
+                              synced_gpus=synced_gpus, **cache)
         generated = out[:, width:].cpu()                                      # [B, N] padded after each row's end
         tokens, logprobs, raw = (t[:, : generated.shape[1]] for t in sampler.stacked())      # [B, N] each
         eos = torch.isin(generated, torch.tensor(self.eos_ids))                              # [B, N]
@@ -144,6 +152,20 @@ class HFEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def _shared_prefill(module, input_ids: Tensor, attention: Tensor, group: int):
+    """The KV cache of every row's first S - 1 context tokens, computed once per group of `group` identical rows and
+    repeated: `generate` then runs only the last context token and the new ones. Position ids are those `generate`
+    gives left-padded rows (cumulative count of real tokens), so every row sees exactly what it would unshared."""
+    from transformers import DynamicCache
+
+    distinct, mask = input_ids[::group, :-1], attention[::group, :-1]                     # [B / group, S - 1]
+    cache = DynamicCache(config=module.config)
+    module(input_ids=distinct, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+           cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(group)                                                  # [B, ..., S - 1, ...]
+    return cache
 
 
 class _Sampler:
