@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,5 +156,49 @@ def test_twenty_kills_resume_to_the_uninterrupted_run(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)) == []
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000008", "step-000009"]
     assert _rows(run) == reference
+    want, got = _weights(tmp_path / "ref"), _weights(run)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def _launch_two(recipe: Path, resume: bool, log: Path) -> subprocess.Popen:
+    """`accelerate launch` of 2 CPU processes in a session of their own (so that one SIGKILL reaches all three)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "posttrain", "train", str(recipe)]
+    with log.open("w") as f:
+        return subprocess.Popen(cmd + (["--resume", "auto"] if resume else []), env={**ENV, "ACCELERATE_USE_CPU": "1"},
+                                stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_kills_of_a_two_process_run_resume_to_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The launcher and both ranks killed at once (SIGKILL to the process group) in the SFT stage and again in the GRPO
+    stage, at seeded moments after a step: `--resume auto` with 2 processes ends on the uninterrupted 2-process run's
+    weights bit for bit, with each metrics row once."""
+    raws = {name: recipe_raw(tiny_model_dir, tmp_path / name) for name in ("ref", "run")}
+    for name, raw in raws.items():
+        raw["stages"] = raw["stages"][:2]
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    ref = _launch_two(tmp_path / "ref.yaml", resume=False, log=tmp_path / "ref.log")
+    assert ref.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+
+    run, rng = tmp_path / "run", random.Random(1)
+    for i, after in enumerate([2, 4]):                      # a kill in each stage
+        launched = time.time()
+        proc = _launch_two(tmp_path / "run.yaml", resume=i > 0, log=tmp_path / f"kill-{i}.log")
+        _wait(proc, lambda: _training(run, launched) and _last_step(run) >= after)
+        assert proc.poll() is None, (tmp_path / f"kill-{i}.log").read_text()[-3000:]
+        time.sleep(rng.uniform(0.0, 0.8))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for path in ckpt.list_checkpoints(run):
+            assert ckpt.problems(path) == [], (i, path)
+    final = _launch_two(tmp_path / "run.yaml", resume=True, log=tmp_path / "final.log")
+    assert final.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert _rows(run) == _rows(tmp_path / "ref")
+    assert not [p for p in run.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
     want, got = _weights(tmp_path / "ref"), _weights(run)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
