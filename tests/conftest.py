@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +146,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     import json
 
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_on_two_processes(recipe: Path) -> list[str]:
+    """The command of `posttrain train RECIPE` on 2 CPU processes (`accelerate launch --multi_gpu`, a free port); run
+    it with ACCELERATE_USE_CPU=1 in the environment."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "posttrain", "train", str(recipe)]

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from posttrain.cli import main
 from posttrain.metrics import MetricsLog
 from posttrain.trainer import train
 
-from conftest import REPO, read_metrics, sft_recipe, sft_recipe_raw
+from conftest import REPO, read_metrics, sft_recipe, sft_recipe_raw, train_on_two_processes
 
 TWO_STAGES = ["train.save_every=3", "train.keep_checkpoints=5",
               "stages=[{name: a, objectives: {sft: 1.0}, train: {steps: 4}},"
@@ -350,12 +349,7 @@ def flaky(prompts, completions, **kwargs):
 def _two_processes(tmp_path: Path, raw: dict, env: dict) -> subprocess.CompletedProcess:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "posttrain", "train", str(recipe)]
+    cmd = train_on_two_processes(recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", **env}
     # A hang in a collective would last gloo's 30-minute timeout: the bound below tells it from a prompt exit.
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)

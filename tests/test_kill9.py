@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ from safetensors.torch import load_file
 
 from posttrain import checkpoint as ckpt
 
-from conftest import read_metrics
+from conftest import read_metrics, train_on_two_processes
 
 KILLS = 20
 STEPS = 9                      # 3 stages x 3 steps
@@ -162,12 +160,7 @@ def test_twenty_kills_resume_to_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
 def _launch_two(recipe: Path, resume: bool, log: Path) -> subprocess.Popen:
     """`accelerate launch` of 2 CPU processes in a session of their own (so that one SIGKILL reaches all three)."""
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "posttrain", "train", str(recipe)]
+    cmd = train_on_two_processes(recipe)
     with log.open("w") as f:
         return subprocess.Popen(cmd + (["--resume", "auto"] if resume else []), env={**ENV, "ACCELERATE_USE_CPU": "1"},
                                 stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
