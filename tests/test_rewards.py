@@ -218,6 +218,7 @@ def test_exact_keeps_its_behaviour():
 
 
 # ------------------------------------------------------------------------------------------ code
+@pytest.mark.xdist_group("sandbox")    # starts sandboxes: see tests/test_sandbox.py
 def test_code_reward_fraction_of_asserts():
     tests = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]
     completions = ["Here you go:\n```python\ndef add(a, b):\n    return a + b\n```",
@@ -228,6 +229,7 @@ def test_code_reward_fraction_of_asserts():
     assert got == [pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0, 0.0]
 
 
+@pytest.mark.xdist_group("sandbox")    # starts sandboxes: see tests/test_sandbox.py
 def test_code_reward_abstains_and_checks_columns():
     assert rewards.code(["p", "p"], ["x = 1", "x = 1"], tests=[None, []]) == [None, None]
     assert rewards.code(["p"], ["x = 1"], tests=["assert x == 1"]) == [1.0]          # one string = one test

@@ -25,6 +25,10 @@ from posttrain import rewards
 from posttrain.rewards import sandbox
 from posttrain.rewards.sandbox import SandboxError, SandboxLimits, run_python
 
+# Every test here checks that no sandbox-uid process outlives its run, machine-wide: under pytest-xdist they share one
+# worker with the other tests that start sandboxes (README's test command uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = dict(timeout=3.0, cpu_seconds=2, memory_mb=512, max_processes=16)
 WALL_MARGIN = 6.0           # seconds beyond the timeout allowed for start-up and teardown on a busy machine
@@ -47,8 +51,9 @@ def score(program: str, isolation: str) -> tuple[float, float]:
     return value, time.monotonic() - start
 
 
-def sandbox_uid_processes() -> list[int]:
-    """Live processes owned by a sandbox uid (rewards/sandbox.py draws them from _UID_BASE + 24 bits)."""
+def sandbox_uid_processes(uids: set[int] | None = None) -> list[int]:
+    """Live processes owned by a sandbox uid (rewards/sandbox.py draws them from _UID_BASE + 24 bits), or by one of
+    `uids` (the ones this test's runs were given: other tests' sandboxes may be running in parallel)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -57,14 +62,15 @@ def sandbox_uid_processes() -> list[int]:
             uid_line = next(line for line in (entry / "status").read_text().splitlines() if line.startswith("Uid:"))
         except (OSError, StopIteration):
             continue
-        if sandbox._UID_BASE <= int(uid_line.split()[1]) < sandbox._UID_BASE + (1 << 24):
+        uid = int(uid_line.split()[1])
+        if uid in uids if uids is not None else sandbox._UID_BASE <= uid < sandbox._UID_BASE + (1 << 24):
             found.append(int(entry.name))
     return found
 
 
-def wait_until_no_sandbox_processes(seconds: float = 3.0) -> list[int]:
+def wait_until_no_sandbox_processes(seconds: float = 3.0, uids: set[int] | None = None) -> list[int]:
     deadline = time.monotonic() + seconds
-    while (left := sandbox_uid_processes()) and time.monotonic() < deadline:
+    while (left := sandbox_uid_processes(uids)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
@@ -154,13 +160,20 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_program_in_namespace_sandbox(name, world):
+def test_hostile_program_in_namespace_sandbox(name, world, monkeypatch):
     namespaces_or_skip()
+    given, draw = set(), sandbox._sandbox_uid
+
+    def recorded(mode):                                   # the uids this test's runs get
+        given.add(uid := draw(mode))
+        return uid
+
+    monkeypatch.setattr(sandbox, "_sandbox_uid", recorded)
     program = HOSTILE[name].format(project=str(REPO / "rewards" / "__init__.py"), **world)
     value, seconds = score(program, "namespaces")
     assert value == 0.0, f"{name}: the hostile part ran to completion"
     assert seconds < LIMITS["timeout"] + WALL_MARGIN, f"{name}: took {seconds:.1f}s"
-    assert wait_until_no_sandbox_processes() == [], f"{name}: sandbox processes outlived the run"
+    assert given and wait_until_no_sandbox_processes(uids=given) == [], f"{name}: sandbox processes outlived the run"
 
 
 def test_control_scaffold_earns_full_reward(world):
@@ -271,6 +284,7 @@ def test_process_sandbox_working_directory(world):
 # ------------------------------------------------------------------------------------------ non-root (user namespace)
 NONROOT_SCRIPT = """
 import importlib.util, json, sys
+
 spec = importlib.util.spec_from_file_location("sbx", sys.argv[1])
 sbx = importlib.util.module_from_spec(spec); sys.modules["sbx"] = sbx; spec.loader.exec_module(sbx)
 L = sbx.SandboxLimits(timeout=5, max_processes=8)
