@@ -26,6 +26,7 @@ from posttrain.data import DataConfig
 from posttrain.mixers import MIXERS, MixerConfig
 from posttrain.models import ModelConfig
 from posttrain.objectives import OBJECTIVES, ObjectiveConfig, build_objective
+from posttrain.ops.packing import MASKED_ATTENTION
 from posttrain.rewarding import RewardSpec, build_reward_specs
 from posttrain.rl.config import RolloutConfig
 
@@ -90,9 +91,15 @@ class TrainConfig:
                 "or skip that optimizer step (no update; counted as train/skipped_nonfinite)")
     max_nonfinite_skips: int = field_doc(3, "with nonfinite: skip, this many consecutive skipped steps stop the run")
     padding_free: bool = field_doc(
-        False, "run the policy's training forward on the real tokens only: each micro-batch's sequences packed "
-               "end to end into fewer rows with their own position ids (posttrain/ops/packing.py); the same loss "
-               "and gradients as the padded batch, without computing on padding")
+        False, "run the policy's training and scoring forwards on the real tokens only: each micro-batch's "
+               "sequences packed end to end into fewer rows with their own position ids (posttrain/ops/packing.py); "
+               "the same loss and gradients as the padded batch, without computing on padding")
+    share_prompts: bool = field_doc(
+        False, "run each distinct prompt of a micro-batch once in the policy's training and scoring forward: the "
+               "rows that begin with it (a rollout group) follow it in one row, each continuation attending to the "
+               "prompt and to itself (a 4D attention mask; posttrain/ops/packing.py); the same outputs, fewer tokens "
+               "when prompts are long next to completions; attention then spans the group's total length, so it "
+               "can lose with long completions. Needs sdpa or eager attention")
     budget_clock: Literal["wall", "cpu"] = field_doc(
         "wall", "what max_minutes counts: wall time, or this process's CPU time (user + system), a budget that other "
                 "load on a shared machine does not eat; the stage logs it as budget/minutes")
@@ -107,6 +114,13 @@ class TrainConfig:
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         require(self.max_minutes is None or self.max_minutes > 0, "max_minutes", f"must be > 0, got {self.max_minutes}")
         require(self.max_nonfinite_skips >= 0, "max_nonfinite_skips", f"must be >= 0, got {self.max_nonfinite_skips}")
+        require(not (self.padding_free and self.share_prompts), "share_prompts",
+                "padding_free and share_prompts are two layouts of the same forward: choose one")
+
+    @property
+    def layout(self) -> str:
+        """policy.forward's layout of a micro-batch (policy.LAYOUTS)."""
+        return "shared_prompts" if self.share_prompts else "padding_free" if self.padding_free else "padded"
 
 
 @dataclass(frozen=True)
@@ -214,7 +228,18 @@ def parse_recipe(raw: dict, source: str = "recipe") -> Recipe:
     if not top.stages:
         raise ConfigError(f"{source}: stages: a recipe needs at least one stage")
     stages = [_build_stage(i, s, raw, objectives, source) for i, s in enumerate(top.stages)]
+    for i, st in enumerate(stages):
+        check_layout(i, st, top.model.attn_implementation, source)
     return Recipe(top.output_dir, top.seed, top.model, objectives, stages, top.logging, source)
+
+
+def check_layout(i: int, stage: StageConfig, attention: str | None, source: str) -> None:
+    """train.share_prompts hands the model a ready 4D attention mask, which only sdpa and eager attention take;
+    `attention` is the model's attention implementation (None: not known yet, checked again once loaded)."""
+    if stage.train.share_prompts and attention is not None and attention not in MASKED_ATTENTION:
+        raise ConfigError(f"{source}: stages.{i}.train.share_prompts: needs the model's attention to be sdpa or eager "
+                          f"(it takes a 4D mask), the model's is {attention!r}; set model.attn_implementation: sdpa "
+                          "or turn share_prompts off")
 
 
 def _build_objective(name: str, spec: dict, source: str) -> ObjectiveConfig:

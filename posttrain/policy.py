@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posttrain.experience import Experience
+from posttrain.experience import PROMPT, Experience
 from posttrain.models import is_partitioned, language_model, unwrap
 from posttrain.ops.logprobs import head_logprobs, policy_entropy, selective_log_softmax
-from posttrain.ops.packing import pack, plan_packing, unpack
+from posttrain.ops.packing import MASKED_ATTENTION, Packing, pack, plan_packing, plan_shared_prompts, unpack
+
+LAYOUTS = ("padded", "padding_free", "shared_prompts")   # how a batch is laid out for the model (see forward)
 
 
 @dataclass
@@ -37,23 +39,26 @@ class PolicyOutput:
 
 
 def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, logprobs: bool = True,
-            logits: bool = False, entropy: bool = False, padding_free: bool = False) -> PolicyOutput:
+            logits: bool = False, entropy: bool = False, layout: str = "padded") -> PolicyOutput:
     """Teacher-forced pass. `temperature` T scales the logits, z / T, so that RL objectives score the sampled tokens
     under the distribution they were drawn from (the rollout's sampling temperature; T = 1 for demonstrations).
 
     The LM head sees positions 0..T-2 only (`logits_to_keep`, when the model takes it): the last position predicts
     nothing. `logits=True` materialises the [B, L, V] logits (see the module docstring); `logprobs=False` skips the
     target log-probabilities (a reference model whose logits are all that is read); `entropy` adds H per position.
-    `padding_free` runs the model on the real tokens only, packed into fewer rows with per-sequence position ids
-    (ops/packing.py), and puts every output back at its padded place: the same outputs, no work on padding."""
+    `layout` "padding_free" runs the model on the real tokens only, packed into fewer rows with per-sequence position
+    ids; "shared_prompts" runs each distinct prompt once, followed by the continuations of every row that begins with
+    it (ops/packing.py). Either way every output is put back at its padded place: the same outputs, less work."""
     length = exp.input_ids.shape[1] - 1                                  # L = T - 1
     head = None if logits else fusable_head(model)
-    packing = plan_packing(exp.attention_mask) if padding_free else None
+    packing = _plan(exp, layout)
     if packing is None:
         keep = {"logits_to_keep": torch.arange(length, device=exp.input_ids.device)} if _keeps_logits(model) else {}
         inputs = {"input_ids": exp.input_ids, "attention_mask": exp.attention_mask, **keep}
-    else:                     # [R, P]; no mask: transformers masks each sequence found from its position ids
+    else:                     # [R, P]; without a 4D mask transformers masks each sequence found from its position ids
         inputs = {"input_ids": pack(exp.input_ids, packing), "position_ids": packing.position_ids}
+        if packing.attention is not None:
+            inputs["attention_mask"] = _model_mask(model, packing.attention)
     restore = (lambda y: y) if packing is None else (lambda y: unpack(y, packing))   # [R, P, ...] -> [B, T, ...]
     with _capture_input(head) as seen:
         out = model(**inputs, use_cache=False)
@@ -69,6 +74,35 @@ def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, l
         z = z / temperature                                              # z / T
     return PolicyOutput(logits=z, logprobs=selective_log_softmax(z, exp.targets) if logprobs else None,
                         values=values, entropy=policy_entropy(z) if entropy else None)
+
+
+def _plan(exp: Experience, layout: str) -> Packing | None:
+    if layout == "padding_free":
+        return plan_packing(exp.attention_mask)
+    if layout == "shared_prompts":
+        return plan_shared_prompts(exp.attention_mask, exp.source == PROMPT, exp.input_ids)
+    if layout != "padded":
+        raise ValueError(f"policy.forward: layout must be one of {LAYOUTS}, got {layout!r}")
+    return None
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The (unwrapped) language model's attention implementation: sdpa, eager, flash_attention_2, ..."""
+    return language_model(unwrap(model)).config._attn_implementation
+
+
+def _model_mask(model: torch.nn.Module, allowed: Tensor) -> Tensor:
+    """A bool [R, 1, P, P] mask (True = may attend) in the form the model's attention takes a ready 4D mask: bool for
+    sdpa, additive (0 or the dtype's minimum) for eager."""
+    kind = attention_implementation(model)
+    if kind == "sdpa":
+        return allowed
+    if kind == "eager":
+        dtype = next(unwrap(model).parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                          torch.finfo(dtype).min)
+    raise ValueError(f"policy.forward: layout 'shared_prompts' needs one of the attention implementations "
+                     f"{MASKED_ATTENTION}, the model uses {kind!r} (model.attn_implementation)")
 
 
 def fusable_head(model: torch.nn.Module) -> torch.nn.Linear | None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from posttrain import checkpoint as ckpt
-from posttrain.config import Recipe, StageConfig
+from posttrain.config import Recipe, StageConfig, check_layout
 from posttrain.configlib import ConfigError
 from posttrain.evaluation import greedy_verdicts, held_out_examples
 from posttrain.experience import Experience
@@ -52,7 +52,7 @@ from posttrain.models import (
     save_merged,
 )
 from posttrain.objectives import Normalizer, aggregate
-from posttrain.policy import forward
+from posttrain.policy import attention_implementation, forward
 from posttrain.rewarding import load_rewards
 from posttrain.rl.value_head import ValueHeadModel
 from posttrain.rollout import ENGINES
@@ -141,6 +141,8 @@ class Trainer:
         self.data = data or [prepare_stage(recipe, i, self.tokenizer, acc.num_processes)
                              for i in range(len(recipe.stages))]
         self.model = load_model(path, recipe.model)                  # the first expensive step: after every check
+        for i, stage in enumerate(recipe.stages):                      # the attention transformers chose, if not set
+            check_layout(i, stage, attention_implementation(self.model), recipe.source)
         self.model.train()
         self.log = MetricsLog(acc, self.run_dir)
         if acc.is_main_process:
@@ -276,7 +278,7 @@ class Trainer:
         acc, index = self.accelerator, self.state.stage
         engine = ENGINES.get(stage.rollout.engine)(self.model, self.tokenizer, stage.rollout.engine_args, acc)
         builder = RolloutBuilder(data.prompts, stage.rollout, data.plan, self.rewards[index], engine, self.tokenizer,
-                                 acc, self.recipe.seed + index, stage.train.micro_batch_size)
+                                 acc, self.recipe.seed + index, stage.train.micro_batch_size, stage.train.layout)
         builder.load_state_dict(self.state.extras.get("rollout", {}))
         return builder
 
@@ -518,7 +520,7 @@ class Trainer:
             mb.ref_logits = ref_out.logits
         needs = frozenset().union(*(run.objectives[n].needs for n in run.reading(source, weights)))
         out = forward(self.model, mb, run.temperature(source), logits="logits" in needs, entropy="entropy" in needs,
-                      padding_free=run.cfg.train.padding_free)
+                      layout=run.cfg.train.layout)
         total, parts = 0.0, {}
         for name in run.reading(source, weights):
             objective = run.objectives[name]

@@ -65,7 +65,7 @@ def test_packed_forward_equals_padded(fixture, left, request, one_thread):
     grads = []
     for padding_free in (False, True):
         model.zero_grad()
-        out = forward(model, exp, temperature=0.7, entropy=True, padding_free=padding_free)
+        out = forward(model, exp, temperature=0.7, entropy=True, layout="padding_free" if padding_free else "padded")
         _token_mean_loss(out, exp).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
         mask = exp.target_mask.bool()
@@ -78,7 +78,7 @@ def test_packed_forward_equals_padded(fixture, left, request, one_thread):
         assert torch.allclose(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-4), k
     with torch.no_grad():                                               # the full-logits path, too
         padded = forward(model, exp, logits=True).logits[mask]
-        packed = forward(model, exp, logits=True, padding_free=True).logits[mask]
+        packed = forward(model, exp, logits=True, layout="padding_free").logits[mask]
     assert torch.allclose(packed, padded, atol=1e-5)
 
 

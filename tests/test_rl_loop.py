@@ -170,7 +170,7 @@ def _builder(tiny_model_dir, reward: str, objective: dict, rollout: dict):
     obj = build_objective(_build_objective(objective["type"], objective, "test"))
     rewards = load_rewards([RewardSpec(reward)])
     engine = ENGINES.get("hf")(model, tok, {}, acc)
-    return RolloutBuilder(prompts, cfg, obj.rollout_plan(), rewards, engine, tok, acc, 0, 8), model
+    return RolloutBuilder(prompts, cfg, obj.rollout_plan(), rewards, engine, tok, acc, 0, 8, "padded"), model
 
 
 def test_dynamic_sampling_keeps_only_informative_groups(tiny_model_dir, toy):

@@ -137,9 +137,10 @@ class RolloutBuilder:
     """Rollout batches for one stage; see the module docstring. `collect()` on every process together."""
 
     def __init__(self, prompts: list[Prompt], cfg: RolloutConfig, plan: RolloutPlan, rewards: list[Reward], engine,
-                 tokenizer, accelerator, seed: int, micro_batch_size: int):
+                 tokenizer, accelerator, seed: int, micro_batch_size: int, layout: str):
         self.prompts, self.cfg, self.plan, self.rewards, self.engine = prompts, cfg, plan, rewards, engine
         self.acc, self.seed, self.micro, self.tokenizer = accelerator, seed, micro_batch_size, tokenizer
+        self.layout = layout                                      # policy.forward's layout of the scoring passes
         self.pad_id = tokenizer.pad_token_id
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.share = cfg.prompts_per_step // self.world          # prompts (= groups) per process per round
@@ -383,7 +384,7 @@ class RolloutBuilder:
         for start in range(0, len(exp), self.micro):
             mb = exp.select(slice(start, start + self.micro)).trimmed().to(self.acc.device)
             with self.acc.autocast():
-                out = forward(model, mb, self.temperature, entropy=entropy)
+                out = forward(model, mb, self.temperature, entropy=entropy, layout=self.layout)
             rows, width = slice(start, start + len(mb)), out.logprobs.shape[1]
             logps[rows, :width] = out.logprobs.float().cpu()
             if out.values is not None:
