@@ -17,9 +17,15 @@ reports the median of the rest, its real (non-padding) tokens per second where i
 (`ru_maxrss`: the whole process, imports included). The table gives the median over repetitions; `uptime` is
 printed before and after every repetition: other load on the machine slows every process it overlaps.
 
+posttrain runs with its defaults apart from the settings above; `posttrain-fast` (GRPO) adds the two opt-in ways
+of sharing a group's prompt: `rollout.engine_args.shared_prefill` (the prompt's forward once per group when
+sampling) and `train.share_prompts` (once per group in the training forward).
+
 Workers (what the parent starts; also usable alone):
     python benchmarks/vs_trl.py --worker sft-trl|sft-posttrain|sft-posttrain-packed|sft-bare|grpo-trl|grpo-posttrain
-                                |grpo-posttrain-shared|grpo-posttrain-mb8|sft-posttrain-mb8 (micro-batches of 8)
+                                |grpo-posttrain-fast|grpo-posttrain-shared (shared_prefill only)
+                                |grpo-posttrain-compiled (fast + train.compile)|sft-posttrain-compiled
+                                |grpo-posttrain-mb8|sft-posttrain-mb8 (micro-batches of 8)
                                 --model DIR --steps N
 """
 from __future__ import annotations
@@ -45,7 +51,7 @@ TASK = {"digits": 2, "num_ops": 3, "ops": "+-"}
 SIZES = {"128x2": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 512},
          "512x4": {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 2,
                    "intermediate_size": 2048}}
-FRAMEWORKS = {"sft": ["trl", "posttrain", "posttrain-packed", "bare"], "grpo": ["trl", "posttrain", "posttrain-shared"]}
+FRAMEWORKS = {"sft": ["trl", "posttrain", "posttrain-packed", "bare"], "grpo": ["trl", "posttrain", "posttrain-fast"]}
 STEPS = {"full": {("128x2", "sft"): 24, ("128x2", "grpo"): 14, ("512x4", "sft"): 10, ("512x4", "grpo"): 8},
          "quick": {("128x2", "sft"): 10, ("128x2", "grpo"): 7, ("512x4", "sft"): 5, ("512x4", "grpo"): 5}}
 
@@ -133,13 +139,17 @@ def worker_grpo_trl(model_dir: str, steps: int, out: str) -> None:
 
 
 def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: bool = False, micro: int = BATCH,
-                     shared: bool = False):
+                     shared: bool = False, share_prompts: bool = False, compiled: bool = False):
     from posttrain.config import parse_recipe
 
     n = BATCH * (steps + 1) if method == "sft" else PROMPTS * (steps + 1)
     train = {"steps": steps, "batch_size": BATCH, "micro_batch_size": micro, "log_every": 1}
     if packed:
         train["padding_free"] = True
+    if share_prompts:
+        train["share_prompts"] = True
+    if compiled:
+        train["compile"] = True
     raw = {"output_dir": out, "seed": 0, "model": {"path": model_dir},
            "data": {"source": "task:arithmetic", "split": "train", "task": TASK | {"num_examples": n},
                     "max_length": MAX_LENGTH},
@@ -155,7 +165,8 @@ def posttrain_recipe(model_dir: str, steps: int, out: str, method: str, packed: 
 
 
 def worker_posttrain(model_dir: str, steps: int, out: str, method: str, packed: bool = False,
-                     shared: bool = False, micro: int = BATCH) -> None:
+                     shared: bool = False, micro: int = BATCH, share_prompts: bool = False,
+                     compiled: bool = False) -> None:
     from posttrain import trainer as trainer_module
 
     ends, tokens = [], []
@@ -168,7 +179,8 @@ def worker_posttrain(model_dir: str, steps: int, out: str, method: str, packed: 
         return metrics
 
     trainer_module.Trainer.train_step = timed_step
-    trainer_module.train(posttrain_recipe(model_dir, steps, out, method, packed, micro, shared))
+    trainer_module.train(posttrain_recipe(model_dir, steps, out, method, packed, micro, shared, share_prompts,
+                                                          compiled))
     report(ends, tokens if method == "sft" else None)
 
 
@@ -215,6 +227,11 @@ def run_worker(kind: str, model_dir: str, steps: int) -> None:
                    "sft-posttrain-packed": lambda: worker_posttrain(model_dir, steps, out, "sft", packed=True),
                    "grpo-posttrain": lambda: worker_posttrain(model_dir, steps, out, "grpo"),
                    "grpo-posttrain-shared": lambda: worker_posttrain(model_dir, steps, out, "grpo", shared=True),
+                   "grpo-posttrain-fast": lambda: worker_posttrain(model_dir, steps, out, "grpo", shared=True,
+                                                                   share_prompts=True),
+                   "grpo-posttrain-compiled": lambda: worker_posttrain(model_dir, steps, out, "grpo", shared=True,
+                                                                       share_prompts=True, compiled=True),
+                   "sft-posttrain-compiled": lambda: worker_posttrain(model_dir, steps, out, "sft", compiled=True),
                    "grpo-posttrain-mb8": lambda: worker_posttrain(model_dir, steps, out, "grpo", micro=8),
                    "sft-posttrain-mb8": lambda: worker_posttrain(model_dir, steps, out, "sft", micro=8),
                    "sft-bare": lambda: worker_sft_bare(model_dir, steps, out)}
@@ -254,30 +271,33 @@ def cell(results: dict, size: str, method: str, fw: str, key: str) -> float:
     return statistics.median(r[key] for r in results[(size, method, fw)])
 
 
-def ratio_text(results: dict, size: str, method: str, key: str) -> str:
-    """'TRL / posttrain (TRL/posttrain x)' of one figure, or '-' when a side was skipped."""
-    if (size, method, "trl") not in results or (size, method, "posttrain") not in results:
+def ratio_text(results: dict, size: str, method: str, key: str, fw: str = "posttrain") -> str:
+    """'TRL / posttrain (TRL/posttrain x)' of one figure (posttrain: the worker `fw`), or '-' when a side was
+    skipped."""
+    if (size, method, "trl") not in results or (size, method, fw) not in results:
         return "-"
     t, p = cell(results, size, method, "trl", key), cell(results, size, method, "posttrain", key)
     return f"{t:.3f} / {p:.3f} ({t / p:.2f}x)"
 
 
-def rss_ratio(results: dict, size: str, method: str) -> str:
-    if (size, method, "trl") not in results or (size, method, "posttrain") not in results:
+def rss_ratio(results: dict, size: str, method: str, fw: str) -> str:
+    if (size, method, "trl") not in results or (size, method, fw) not in results:
         return "-"
-    mine, theirs = (cell(results, size, method, fw, "peak_rss_mb") for fw in ("posttrain", "trl"))
+    mine, theirs = (cell(results, size, method, f, "peak_rss_mb") for f in (fw, "trl"))
     return f"{mine / theirs:.2f}"
 
 
 def table(results: dict, sizes: list[str], key: str) -> str:
     """The issue's table for one figure: `median_s` (wall seconds per step) or `cpu_s` (CPU seconds per step)."""
     rows = ["| model | SFT s/step TRL / posttrain (x) | GRPO s/step TRL / posttrain (x) | bare loop SFT s/step | "
-            "posttrain padding-free SFT s/step | posttrain shared-prefill GRPO s/step | "
-            "peak RSS posttrain / TRL: SFT, GRPO |", "|---|---|---|---|---|---|---|"]
+            "posttrain padding-free SFT s/step | GRPO s/step TRL / posttrain sharing prompts (x) | "
+            "peak RSS posttrain / TRL: SFT, GRPO, GRPO sharing prompts |", "|---|---|---|---|---|---|---|"]
     for size in sizes:
         extra = [f"{cell(results, size, m, fw, key):.3f}" if (size, m, fw) in results else "-"
-                 for m, fw in (("sft", "bare"), ("sft", "posttrain-packed"), ("grpo", "posttrain-shared"))]
-        rss = [rss_ratio(results, size, m) for m in ("sft", "grpo")]
+                 for m, fw in (("sft", "bare"), ("sft", "posttrain-packed"))]
+        extra.append(ratio_text(results, size, "grpo", key, "posttrain-fast"))
+        rss = [rss_ratio(results, size, m, fw) for m, fw in (("sft", "posttrain"), ("grpo", "posttrain"),
+                                                            ("grpo", "posttrain-fast"))]
         h, n = SIZES[size]["hidden_size"], SIZES[size]["num_layers"]
         rows.append(f"| hidden {h}, {n} layers | {ratio_text(results, size, 'sft', key)} | "
                     f"{ratio_text(results, size, 'grpo', key)} | {extra[0]} | {extra[1]} | {extra[2]} | "

@@ -100,6 +100,12 @@ class TrainConfig:
                "prompt and to itself (a 4D attention mask; posttrain/ops/packing.py); the same outputs, fewer tokens "
                "when prompts are long next to completions; attention then spans the group's total length, so it "
                "can lose with long completions. Needs sdpa or eager attention")
+    compile: bool = field_doc(
+        False, "torch.compile the model's backbone (the decoder layers, not the LM head) for the policy's training "
+               "forward and backward; generation and scoring stay eager. The first step (and a new shape) pays "
+               "a compilation of tens of seconds; on CPU it pays for models whose steps are bound by the matrix "
+               "products and memory traffic, not for tiny ones bound by per-op dispatch (docs/perf.md). Not with "
+               "DeepSpeed ZeRO-3")
     budget_clock: Literal["wall", "cpu"] = field_doc(
         "wall", "what max_minutes counts: wall time, or this process's CPU time (user + system), a budget that other "
                 "load on a shared machine does not eat; the stage logs it as budget/minutes")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +41,8 @@ class PolicyOutput:
 
 
 def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, logprobs: bool = True,
-            logits: bool = False, entropy: bool = False, layout: str = "padded") -> PolicyOutput:
+            logits: bool = False, entropy: bool = False, layout: str = "padded", compiled: bool = False
+            ) -> PolicyOutput:
     """Teacher-forced pass. `temperature` T scales the logits, z / T, so that RL objectives score the sampled tokens
     under the distribution they were drawn from (the rollout's sampling temperature; T = 1 for demonstrations).
 
@@ -48,7 +51,8 @@ def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, l
     target log-probabilities (a reference model whose logits are all that is read); `entropy` adds H per position.
     `layout` "padding_free" runs the model on the real tokens only, packed into fewer rows with per-sequence position
     ids; "shared_prompts" runs each distinct prompt once, followed by the continuations of every row that begins with
-    it (ops/packing.py). Either way every output is put back at its padded place: the same outputs, less work."""
+    it (ops/packing.py). Either way every output is put back at its padded place: the same outputs, less work.
+    `compiled` runs the backbone through torch.compile (see compiled_backbone)."""
     length = exp.input_ids.shape[1] - 1                                  # L = T - 1
     head = None if logits else fusable_head(model)
     packing = _plan(exp, layout)
@@ -60,7 +64,7 @@ def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, l
         if packing.attention is not None:
             inputs["attention_mask"] = _model_mask(model, packing.attention)
     restore = (lambda y: y) if packing is None else (lambda y: unpack(y, packing))   # [R, P, ...] -> [B, T, ...]
-    with _capture_input(head) as seen:
+    with _capture_input(head) as seen, compiled_backbone(model, compiled):
         out = model(**inputs, use_cache=False)
     values = out.get("values") if hasattr(out, "get") else getattr(out, "values", None)  # [B, T or L] value head
     values = restore(values)[:, :length] if isinstance(values, torch.Tensor) else None   # (ModelOutput.values: method)
@@ -74,6 +78,28 @@ def forward(model: torch.nn.Module, exp: Experience, temperature: float = 1.0, l
         z = z / temperature                                              # z / T
     return PolicyOutput(logits=z, logprobs=selective_log_softmax(z, exp.targets) if logprobs else None,
                         values=values, entropy=policy_entropy(z) if entropy else None)
+
+
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, Callable] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def compiled_backbone(model: torch.nn.Module, enabled: bool):
+    """While active, the language model's backbone (the decoder stack under the LM head, which stays eager for the
+    fused log-probs) runs torch.compile'd: one compiled function per backbone, made at its first use and kept; dynamo
+    compiles again when shapes change, then treats them as dynamic. Generation calls the same module outside this
+    context and stays eager. A no-op for `enabled=False`."""
+    if not enabled:
+        yield
+        return
+    backbone = language_model(unwrap(model)).base_model
+    if backbone not in _COMPILED:
+        _COMPILED[backbone] = torch.compile(backbone.forward)
+    backbone.forward = _COMPILED[backbone]
+    try:
+        yield
+    finally:
+        del backbone.forward
 
 
 def _plan(exp: Experience, layout: str) -> Packing | None:

@@ -235,6 +235,9 @@ class Trainer:
         optimizer = make_optimizer(policy, stage)
         self.configure_deepspeed(stage)
         self.model, optimizer = acc.prepare(policy, optimizer)
+        if stage.train.compile and is_zero3(self.model):
+            raise ConfigError(f"{self.recipe.source}: stages.{index}.train.compile: torch.compile of a ZeRO-3 "
+                              "partitioned model is not supported; turn compile off or use ZeRO-2")
         demos = self.demo_builder(stage, data) if data.demos is not None else None
         rollouts = self.rollout_builder(stage, data) if data.prompts is not None else None   # samples self.model
         minis, passes = (stage.rollout.updates_per_step // stage.rollout.num_iterations, stage.rollout.num_iterations) \
@@ -520,7 +523,7 @@ class Trainer:
             mb.ref_logits = ref_out.logits
         needs = frozenset().union(*(run.objectives[n].needs for n in run.reading(source, weights)))
         out = forward(self.model, mb, run.temperature(source), logits="logits" in needs, entropy="entropy" in needs,
-                      layout=run.cfg.train.layout)
+                      layout=run.cfg.train.layout, compiled=run.cfg.train.compile)
         total, parts = 0.0, {}
         for name in run.reading(source, weights):
             objective = run.objectives[name]
