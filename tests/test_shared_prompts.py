@@ -133,3 +133,34 @@ def test_layouts_nobody_can_run_are_refused(tiny_model_dir, tmp_path, toy_reward
     raw["model"]["attn_implementation"] = "flash_attention_2"
     with pytest.raises(ConfigError, match=r"r.yaml: stages.0.train.share_prompts: needs .* 'flash_attention_2'"):
         parse_recipe(raw, "r.yaml")
+
+
+def test_layouts_equal_padded_under_lora(qwen3_model_dir):
+    """A PEFT LoRA policy and its adapter-disabled reference: the packed and shared-prompt layouts give the padded
+    log-probs and the same adapter gradients."""
+    from posttrain.models import AdapterDisabledReference, LoraSettings, ModelConfig, load_model
+
+    policy = load_model(str(qwen3_model_dir), ModelConfig(path=str(qwen3_model_dir),
+                                                          lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)                                       # as after training: B != 0
+    exp = _groups(500)
+    mask = exp.target_mask.bool()
+    results = {}
+    for layout in ("padded", "padding_free", "shared_prompts"):
+        policy.zero_grad()
+        out = forward(policy, exp, layout=layout)
+        (-(out.logprobs * exp.target_mask).sum() / exp.target_mask.sum()).backward()
+        with torch.no_grad():
+            ref = forward(AdapterDisabledReference(policy), exp, layout=layout).logprobs[mask]
+        results[layout] = (out.logprobs[mask].detach(), ref,
+                           {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
+    lp, ref, grads = results["padded"]
+    assert grads and all("lora_" in n for n in grads)                    # only the adapters train
+    for layout in ("padding_free", "shared_prompts"):
+        lp2, ref2, grads2 = results[layout]
+        assert torch.allclose(lp2, lp, atol=1e-5) and torch.allclose(ref2, ref, atol=1e-5), layout
+        for n in grads:                                                  # float32 rounding of a different layout
+            assert (grads2[n] - grads[n]).abs().max() <= 1e-5 * grads[n].abs().max(), (layout, n)
