@@ -4,13 +4,13 @@ eager; a trainer step with it equals the eager step."""
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_shared_prompts import _groups
 from transformers import AutoModelForCausalLM
 
 from posttrain.policy import compiled_backbone, forward
 from posttrain.trainer import train
 
 from conftest import read_metrics, sft_recipe
-from test_shared_prompts import _groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
