@@ -2,7 +2,7 @@
 benchmarks/vs_trl.py (the same models, data and sizes).
 
     python benchmarks/step_profile.py [--size 512x4] [--method grpo] [--steps 8] [--framework posttrain|trl]
-                                      [--packed] [--micro 32]
+                                      [--packed] [--micro 32] [--fast]
 
 Time (posttrain): the medians over steady-state steps of what the trainer logs, time/generate, time/reward,
 time/logprobs, time/train, time/sync and time/step.
@@ -98,7 +98,8 @@ def profile_posttrain(model_dir: str, args, marks: dict) -> dict:
 
     trainer_module.Trainer.train_step = logged_step
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = vs_trl.posttrain_recipe(model_dir, args.steps, f"{tmp}/run", args.method, args.packed, args.micro)
+        recipe = vs_trl.posttrain_recipe(model_dir, args.steps, f"{tmp}/run", args.method, args.packed, args.micro,
+                                         shared=args.fast, share_prompts=args.fast)
         modules = set(sys.modules)
         if args.tracemalloc:
             tracemalloc.start()
@@ -145,6 +146,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--framework", default="posttrain", choices=["posttrain", "trl"])
     p.add_argument("--packed", action="store_true", help="posttrain SFT with train.padding_free")
+    p.add_argument("--fast", action="store_true", help="posttrain GRPO sharing each group's prompt: "
+                   "rollout.engine_args.shared_prefill and train.share_prompts")
     p.add_argument("--micro", type=int, default=32, help="posttrain: train.micro_batch_size (32: no accumulation)")
     p.add_argument("--tracemalloc", action="store_true", help="posttrain: the Python heap's top files while the "
                    "trainer is built (tracing inflates the RSS figures of that run)")
