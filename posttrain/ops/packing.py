@@ -51,17 +51,9 @@ def plan_packing(attention_mask: Tensor) -> Packing:
     mask = attention_mask.bool()
     lengths = mask.sum(-1).tolist()
     width = max(max(lengths), 1)
-    slots: list[int] = []                                            # tokens used in each packed row
-    start: dict[int, tuple[int, int]] = {}                           # sequence -> (packed row, offset)
-    for i in sorted(range(b), key=lambda i: -lengths[i]):
-        if lengths[i] == 0:
-            continue
-        row = next((r for r, used in enumerate(slots) if used + lengths[i] <= width), len(slots))
-        if row == len(slots):
-            slots.append(0)
-        start[i], slots[row] = (row, slots[row]), slots[row] + lengths[i]
+    start, slots = _first_fit_decreasing(lengths, width)             # sequence -> (packed row, offset)
     rows = max(len(slots), 1)
-    position_ids = torch.zeros(rows * width, dtype=torch.long)
+    position_ids = _filler_positions(slots, width)
     targets = []
     for i in range(b):                                               # in row-major order, as mask.nonzero() is
         if lengths[i]:
@@ -69,8 +61,6 @@ def plan_packing(attention_mask: Tensor) -> Packing:
             flat = row * width + offset + torch.arange(lengths[i])
             targets.append(flat)
             position_ids[flat] = torch.arange(lengths[i])
-    for row, used in enumerate(slots):                               # filler: a sequence of its own from position 0
-        position_ids[row * width + used:(row + 1) * width] = torch.arange(width - used)
     device = attention_mask.device
     target = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
     return Packing((b, t), rows, width, mask.flatten().nonzero().squeeze(-1), target.to(device),
@@ -95,20 +85,13 @@ def plan_shared_prompts(attention_mask: Tensor, prompt_mask: Tensor, input_ids: 
     members = list(units.values())
     sizes = [prompt_len[m[0]] + sum(lengths[i] - prompt_len[i] for i in m) for m in members]
     width = max(sizes, default=1)
-    slots: list[int] = []
-    place: list[tuple[int, int, int]] = []                                       # (unit, packed row, offset)
-    for u in sorted(range(len(members)), key=lambda u: -sizes[u]):
-        row = next((r for r, used in enumerate(slots) if used + sizes[u] <= width), len(slots))
-        if row == len(slots):
-            slots.append(0)
-        place.append((u, row, slots[row]))
-        slots[row] += sizes[u]
+    place, slots = _first_fit_decreasing(sizes, width)                           # unit -> (packed row, offset)
     rows = max(len(slots), 1)
-    position_ids = torch.zeros(rows * width, dtype=torch.long)
-    unit = torch.full((rows * width,), -1, dtype=torch.long)                     # filler: unit -1
+    position_ids = _filler_positions(slots, width)
+    unit = torch.full((rows * width,), -1, dtype=torch.long)                     # filler: unit -1, sees itself
     branch = torch.zeros(rows * width, dtype=torch.long)                         # 0: the prompt; k + 1: row k's
     sources, targets = [], []
-    for u, row, offset in place:
+    for u, (row, offset) in place.items():
         base, shared = row * width + offset, prompt_len[members[u][0]]
         unit[base:base + sizes[u]] = u
         position_ids[base:base + shared] = torch.arange(shared)
@@ -120,8 +103,6 @@ def plan_shared_prompts(attention_mask: Tensor, prompt_mask: Tensor, input_ids: 
             sources.append(i * t + starts[i] + torch.arange(lengths[i]))
             targets.append(torch.cat([base + torch.arange(shared), cursor + torch.arange(rest)]))
             cursor += rest
-    for row, used in enumerate(slots):                                           # filler: attends to itself only
-        position_ids[row * width + used:(row + 1) * width] = torch.arange(width - used)
     unit, branch = unit.view(rows, width), branch.view(rows, width)
     causal = torch.ones(width, width, dtype=torch.bool).tril()                   # [P, P] key <= query
     same_unit = unit[:, :, None] == unit[:, None, :]                             # [R, P, P]
@@ -132,6 +113,31 @@ def plan_shared_prompts(attention_mask: Tensor, prompt_mask: Tensor, input_ids: 
     return Packing((b, t), rows, width, torch.cat(sources or [empty]).to(device),
                    torch.cat(targets or [empty]).to(device), position_ids.view(rows, width).to(device),
                    attention.to(device))
+
+
+def _first_fit_decreasing(sizes: list[int], width: int) -> tuple[dict[int, tuple[int, int]], list[int]]:
+    """Items of `sizes` (0: left out), longest first, each into the first row of `width` with room for it ->
+    ({item: (row, offset)}, tokens used in each row)."""
+    slots: list[int] = []
+    place: dict[int, tuple[int, int]] = {}
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if sizes[i] == 0:
+            continue
+        row = next((r for r, used in enumerate(slots) if used + sizes[i] <= width), len(slots))
+        if row == len(slots):
+            slots.append(0)
+        place[i], slots[row] = (row, slots[row]), slots[row] + sizes[i]
+    return place, slots
+
+
+def _filler_positions(slots: list[int], width: int) -> Tensor:
+    """[R * P] position ids with each row's filler (after its `slots[r]` used tokens) numbered 0, 1, ... so that it
+    is a sequence of its own; the used part is left 0 for the caller to fill."""
+    rows = max(len(slots), 1)
+    position_ids = torch.zeros(rows * width, dtype=torch.long)
+    for row, used in enumerate(slots):
+        position_ids[row * width + used:(row + 1) * width] = torch.arange(width - used)
+    return position_ids
 
 
 def pack(x: Tensor, packing: Packing, fill: int = 0) -> Tensor:
