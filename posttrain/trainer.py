@@ -518,7 +518,7 @@ class Trainer:
         if source == "demos" and run.ref is not None and run.demo_needs & {"reference", "ref_logits"}:
             with torch.no_grad():                                        # rollouts carry ref_logprobs from collection
                 ref_out = forward(run.ref, mb, logprobs="reference" in run.demo_needs,
-                                  logits="ref_logits" in run.demo_needs)
+                                  logits="ref_logits" in run.demo_needs, layout=run.cfg.train.layout)
             mb.ref_logprobs = ref_out.logprobs
             mb.ref_logits = ref_out.logits
         needs = frozenset().union(*(run.objectives[n].needs for n in run.reading(source, weights)))
